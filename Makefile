@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/fastedit arch show gemma3-270m
+	$(VENV)/bin/fastedit edit data/known-facts.json --model smollm2-135m
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -62,6 +62,214 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
     click.echo(describe_model(model, trust_remote_code=trust_remote_code))
 
 
+# ---- edit ----------------------------------------------------------------------------------------------
+
+
+@cli.command("edit")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--model", default=None, help="Model alias, hub id, folder or .gguf (default: the embedded model).")
+@click.option(
+    "--method", type=click.Choice(["memit", "rome", "emmet", "alphaedit"]), default="memit", show_default=True
+)
+@click.option("--hparams", type=click.Path(dir_okay=False), help="Hparams JSON (default: hparams/<method>/<model>).")
+@click.option("--n", type=click.IntRange(min=1), help="Edit only the first N valid requests.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Requests per closed-form solve (default: all).")
+@click.option("--dm", default="10", show_default=True, help="Covariance keys per layer N = dm·d_k, or 'full'.")
+@click.option("--corpus", help="Covariance corpus when not cached (file, folder, HF name:config, or 'model').")
+@click.option("--stats-dir", type=click.Path(file_okay=False), help="Covariance cache folder (default: cache).")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<model>-<method>).")
+@click.option("--save-patch", type=click.Path(dir_okay=False), help="Also write the patch here (.safetensors).")
+@click.option("--save-model", type=click.Path(file_okay=False), help="Write the edited model (save_pretrained).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip-invalid", is_flag=True, help="Drop invalid records (listed in run.json) instead of failing.")
+@click.option("--fluency", is_flag=True, help="Also measure generation fluency (n-gram entropy; slow).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (hub models).")
+def edit_cmd(file: str, model: str | None, **options: Any) -> None:
+    """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
+    from fastedit.editing.run import EditRunOptions, run_edit
+    from fastedit.models import DEFAULT_MODEL
+
+    report = run_edit(EditRunOptions(file=file, model=model or DEFAULT_MODEL, **options))
+    click.echo(report.table)
+
+
+# ---- precompute ----------------------------------------------------------------------------------------
+
+
+def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None:
+    """ "4,5,6" or "4-8" (or a mix) -> [4, 5, 6, ...]."""
+    if value is None:
+        return None
+    layers: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            lo, sep, hi = part.partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use layer indices like 4,5,6 or a range like 4-8") from None
+    return layers
+
+
+@cli.command("precompute")
+@click.option(
+    "--model", "model", default="smollm2-135m", show_default=True, help="Model alias, hub id, folder or .gguf."
+)
+@click.option("--dm", default="10", show_default=True, help="Keys per layer N = dm·d_k (2-10 typical), or 'full'.")
+@click.option(
+    "--layers", callback=_parse_layers, help="Layers, e.g. 4,5,6 or 4-8 (default: the family's MEMIT layers)."
+)
+@click.option("--hparams", type=click.Path(dir_okay=False), help="Take the layers from this hparams JSON file.")
+@click.option("--corpus", help="Local .txt/.jsonl/.parquet file or folder, HF dataset name:config, or 'model'.")
+@click.option("--eps", type=float, help="Also report cond(C0 + eps·I) (editors add this ridge).")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per row.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Corpus order / sampling seed.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the cache files (default: fastedit cache).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its partial sums.")
+def precompute_cmd(
+    model: str,
+    dm: str,
+    layers: list[int] | None,
+    hparams: str | None,
+    corpus: str | None,
+    eps: float | None,
+    batch_tokens: int,
+    seq_len: int,
+    seed: int,
+    out: str | None,
+    resume: bool,
+) -> None:
+    """Precompute the key second moments C0 of MODEL's MLP output projections (cached per layer)."""
+    from fastedit.stats.command import precompute
+
+    report = precompute(
+        model, dm=dm, layers=layers, hparams=hparams, corpus=corpus, eps=eps, batch_tokens=batch_tokens,
+        seq_len=seq_len, out=out, resume=resume, seed=seed,
+    )  # fmt: skip
+    if report.summary():
+        click.echo(report.summary())
+
+
+# ---- sae / unlearn (SAE features and unlearning) ---------------------------------------------------------
+
+
+@cli.group()
+def sae() -> None:
+    """Sparse autoencoders on the registry's hooks (SAELens layout)."""
+
+
+@sae.command("train")
+@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--layer", type=int, required=True, help="Residual stream after this block (or its MLP output).")
+@click.option(
+    "--arch",
+    type=click.Choice(["relu", "topk", "factor", "featureforget", "hiercontrastive"]),
+    default="topk",
+    show_default=True,
+)
+@click.option("--width", type=click.IntRange(min=1), help="Number of features (default 8 × d_model).")
+@click.option("--tokens", type=click.IntRange(min=1), default=100_000, show_default=True, help="Training tokens.")
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="Active features (TopK).")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--l1", type=float, default=0.04, show_default=True, help="L1 coefficient (ReLU activations).")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the tokens.")
+@click.option("--site", type=click.Choice(["resid_post", "mlp_out"]), default="resid_post", show_default=True)
+@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (default: WikiText-2 test).")
+@click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
+def sae_train_cmd(
+    model: str,
+    layer: int,
+    arch: str,
+    width: int | None,
+    tokens: int,
+    k: int,
+    lr: float,
+    l1: float,
+    epochs: int,
+    site: str,
+    corpus: str | None,
+    forget_topic: str | None,
+    out: str,
+) -> None:
+    """Train an SAE on MODEL's activations at LAYER and save it to OUT (cfg.json + safetensors)."""
+    import json
+
+    from fastedit.sae.api import train_sae
+
+    result = train_sae(
+        model,
+        layer,
+        out,
+        arch=arch,
+        width=width,
+        tokens=tokens,
+        site=site,
+        corpus=corpus,
+        forget_topic=forget_topic,
+        k=k,
+        lr=lr,
+        l1=l1,
+        epochs=epochs,
+    )
+    result.pop("train", None)
+    click.echo(json.dumps(result, indent=2))
+
+
+@sae.command("eval")
+@click.argument("folder", type=click.Path())
+@click.option("--model", help="Override the model named in cfg.json.")
+@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (held-out last 10% is used).")
+@click.option("--tokens", type=click.IntRange(min=1), default=20_000, show_default=True)
+def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int) -> None:
+    """L0, explained variance and CE-loss recovered of the SAE in FOLDER (fastedit or SAELens layout)."""
+    import json
+
+    from fastedit.sae.api import eval_sae
+
+    click.echo(json.dumps(eval_sae(folder, model=model, corpus=corpus, tokens=tokens), indent=2))
+
+
+@cli.command("unlearn")
+@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--sae", "saes", multiple=True, required=True, type=click.Path(), help="SAE folder (repeatable).")
+@click.option("--forget-topic", default="languages", show_default=True, help="CounterFact topic to forget.")
+@click.option("--editors", default="memit,emmet", show_default=True, help="Editing rows (comma list, '' for none).")
+@click.option("--max-forget", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
+@click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
+@click.option("--corpus", type=click.Path(dir_okay=False), help="Retain corpus text (default: WikiText-2 test).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
+def unlearn_cmd(
+    model: str,
+    saes: tuple[str, ...],
+    forget_topic: str,
+    editors: str,
+    max_forget: int,
+    retain_per_topic: int,
+    candidates: int,
+    counterfact: str | None,
+    corpus: str | None,
+    out: str,
+) -> None:
+    """Compare SAE feature clamping with MEMIT/EMMET edits at forgetting one CounterFact topic."""
+    from fastedit.sae.unlearn import UnlearnConfig, run_unlearning
+
+    cfg = UnlearnConfig(
+        forget_topic=forget_topic,
+        editors=[e for e in editors.split(",") if e],
+        max_forget=max_forget,
+        retain_per_topic=retain_per_topic,
+        candidates_per_topic=candidates,
+        counterfact=counterfact or "",
+        corpus=corpus or "",
+    )
+    result = run_unlearning(model, list(saes), out, config=cfg)
+    click.echo(f"{result['split']}\n\n{result['table']}\n\nwritten: {out}/unlearning.json, {out}/unlearning.png")
+
+
 def main() -> None:
     cli(prog_name="fastedit")
 

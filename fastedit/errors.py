@@ -17,3 +17,11 @@ class ModelLoadError(FasteditError):
 
 class ConfigError(FasteditError):
     """A typed config (hparams, run options) has unknown keys, missing keys or values of the wrong type."""
+
+
+class RequestError(FasteditError):
+    """Edit requests that cannot be parsed or fail validation (every bad record is named by its index)."""
+
+
+class PatchError(FasteditError):
+    """A patch file that is unreadable, made for another model, or not applied when reverting."""

@@ -1,0 +1,73 @@
+"""Shared helpers of the editing benchmarks: CounterFact flat cases as requests, C0, and a tiny ES/PS/NS scorer.
+
+The scorer follows DESIGN.md: a prompt's score for a target is the mean per-token NLL of " " + target (teacher
+forced); ES = share of cases with P(new) > P(true) on the rewrite prompt, PS the same on ``rephrase_prompt``, NS =
+share with P(locality_ground_truth) > P(new) on ``locality_prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastedit.editing.requests import EditRequest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+COUNTERFACT = SHARED / "counterfact" / "counterfact-edit.json"
+WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_cases(n: int, start: int = 0) -> tuple[list[EditRequest], list[dict[str, Any]]]:
+    records = json.loads(COUNTERFACT.read_text())[start : start + n]
+    requests = [
+        EditRequest(
+            case_id=str(r["case_id"]),
+            prompt=r["prompt"].replace(r["subject"], "{}", 1),
+            subject=r["subject"],
+            target_new=r["target_new"],
+            target_true=r["ground_truth"],
+        )
+        for r in records
+    ]
+    return requests, records
+
+
+def stats_for(model: Any, tokenizer: Any, layers: list[int], dm: float = 10) -> dict[int, torch.Tensor]:
+    from fastedit.stats import ensure_stats
+
+    stats = ensure_stats(model, tokenizer, layers, dm=dm, corpus=str(WIKITEXT), progress=False)
+    return {layer: stats[layer].mean for layer in layers}
+
+
+@torch.no_grad()
+def nll(model: Any, tokenizer: Any, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    """Mean per-token NLL of " " + target after each prompt, (n,)."""
+    out = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        p = tokenizer(prompt).input_ids
+        t = tokenizer(" " + target, add_special_tokens=False).input_ids
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + t[:-1]])).logits[0].float(), -1)
+        out.append(-sum(logp[len(p) - 1 + j, tok].item() for j, tok in enumerate(t)) / len(t))
+    return torch.tensor(out)
+
+
+def score(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str, float]:
+    new = [r["target_new"] for r in records]
+    true = [r["ground_truth"] for r in records]
+    rewrite = [r["prompt"] for r in records]
+    para = [r["rephrase_prompt"] for r in records]
+    loc = [r["locality_prompt"] for r in records]
+    es = (nll(model, tokenizer, rewrite, new) < nll(model, tokenizer, rewrite, true)).float().mean()
+    ps = (nll(model, tokenizer, para, new) < nll(model, tokenizer, para, true)).float().mean()
+    loc_true = [r["locality_ground_truth"] for r in records]
+    ns = (nll(model, tokenizer, loc, loc_true) < nll(model, tokenizer, loc, new)).float().mean()
+    es, ps, ns = (100 * float(x) for x in (es, ps, ns))
+    hm = 3 / sum(1 / max(x, 1e-9) for x in (es, ps, ns))
+    return {"es": round(es, 1), "ps": round(ps, 1), "ns": round(ns, 1), "score": round(hm, 1)}

@@ -1,0 +1,125 @@
+"""Typed, strictly loaded editing hyperparameters: ``hparams/<method>/<model or family>.json``.
+
+One dataclass serves every method; fields a method does not read are ignored by it (e.g. ``emmet_mu`` by
+MEMIT). Lookup order for ``load_hparams(method, model)``: an explicit path, then a model-specific file named
+after the model (``hparams/memit/smollm2-135m.json``), then the family file (``hparams/memit/llama.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastedit.config import load_dataclass_file
+from fastedit.errors import ConfigError
+
+METHODS = ("rome", "memit", "emmet", "alphaedit")
+V_MODES = ("reference", "fast", "batched")
+
+HPARAMS_DIR = Path(__file__).resolve().parents[2] / "hparams"
+
+
+@dataclass(frozen=True)
+class EditHparams:
+    """Hyperparameters of one editing method on one model (family).
+
+    v*: Adam on δ for ``v_num_grad_steps`` steps at ``v_lr`` (relative to the RMS of the hidden state when
+    ``v_lr_relative``), clamp ‖δ‖ ≤ clamp_norm_factor·‖h‖, loss = NLL + kl_factor·KL + v_weight_decay·‖δ‖/‖h‖².
+    ``v_mode``: "reference" (plain full-model loop per request), "fast" (per request: reuse the layers below δ,
+    logits only where the loss reads, stop at converged NLL), "batched" (fast, all requests of a batch at once).
+    """
+
+    method: str
+    layers: tuple[int, ...]
+    clamp_norm_factor: float
+    v_weight_decay: float
+    mom2_update_weight: float = 15000.0  # λ: the editors use λ·C0 (+ ridge·I)
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    kl_factor: float = 0.0625
+    v_loss_threshold: float = 0.05  # reference stop: total loss below this
+    v_mode: str = "reference"
+    v_lr_relative: bool = False  # scale the step by rms(h): Adam moves δ by ~v_lr·rms(h) per coordinate
+    v_nll_stop: float = 0.05  # fast/batched: a request stops once its target NLL is below this
+    v_nll_patience: int = 3  # fast/batched: ...or once its NLL improved by < 1% for this many steps
+    kl_prompt: str = "{} is a"
+    context_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10  # tokens per generated prefix (seed included)
+    context_seed: int = 0  # RNG seed of the prefix generation
+    ridge: float = 0.0  # ε added to λ·C0 (absolute)
+    emmet_mu: float = 0.1  # EMMET: μ of (K_Eᵀ C⁻¹ K_E + μI), used for batches of > 1 request
+    nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C0 below this span the null space
+    alphaedit_l2: float = 10.0  # AlphaEdit: α of (...)+αI
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (sweep, source)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"hparams: method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.v_mode not in V_MODES:
+            raise ConfigError(f"hparams: v_mode {self.v_mode!r} is not one of {', '.join(V_MODES)}")
+        if not self.layers:
+            raise ConfigError("hparams: layers is empty; give at least one layer index")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ConfigError(f"hparams: layers {list(self.layers)} must be strictly increasing")
+        if self.method == "rome" and len(self.layers) != 1:
+            raise ConfigError(f"hparams: ROME edits one layer, got layers {list(self.layers)}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
+            raise ConfigError("hparams: v_num_grad_steps, v_lr and clamp_norm_factor must be positive")
+        if self.mom2_update_weight <= 0 and self.ridge <= 0:
+            raise ConfigError("hparams: mom2_update_weight (λ) must be positive")
+
+    def replace(self, **changes: Any) -> EditHparams:
+        return dataclasses.replace(self, **changes)
+
+
+def _model_keys(model_or_family: Any) -> tuple[list[str], str | None]:
+    """Candidate file stems: model-specific names first, then the family (model_type)."""
+    if isinstance(model_or_family, str):
+        name = model_or_family
+        return [name.lower(), name.rstrip("/").split("/")[-1].lower()], None
+    from fastedit.arch import arch_for
+    from fastedit.models import model_name
+
+    name = model_name(model_or_family)
+    family = arch_for(model_or_family).model_type
+    return [name.lower(), name.rstrip("/").split("/")[-1].lower()], family
+
+
+def hparams_path(method: str, model_or_family: Any) -> Path:
+    """The hparams file ``load_hparams`` would use (model-specific file first, else the family file)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown editing method {method!r}; choose one of {', '.join(METHODS)}")
+    names, family = _model_keys(model_or_family)
+    folder = HPARAMS_DIR / method
+    for stem in [*names, *([family] if family else [])]:
+        candidate = folder / f"{stem}.json"
+        if stem and candidate.is_file():
+            return candidate
+    available = sorted(p.stem for p in folder.glob("*.json"))
+    wanted = names[-1] + (f" (family {family})" if family else "")
+    raise ConfigError(
+        f"no {method} hparams for {wanted} in {folder} (available: {', '.join(available) or 'none'}); "
+        "pass an hparams file explicitly (--hparams FILE)"
+    )
+
+
+def load_hparams(method: str, model_or_family: Any, path: str | Path | None = None) -> EditHparams:
+    """Load the hparams of ``method`` for a model (object or name) or family; ``path`` overrides the lookup."""
+    source = Path(path) if path is not None else hparams_path(method, model_or_family)
+    hp = load_dataclass_file(EditHparams, source)
+    if hp.method != method:
+        raise ConfigError(f"{source}: holds hparams for method {hp.method!r}, not {method!r}")
+    return hp
+
+
+def check_layers(hp: EditHparams, n_layers: int) -> None:
+    """An hparams layer beyond the model's depth is a clear error (not an IndexError deep in a hook)."""
+    bad = [layer for layer in hp.layers if layer < 0 or layer >= n_layers]
+    if bad:
+        raise ConfigError(
+            f"hparams layers {bad} are outside this model's {n_layers} layers (0..{n_layers - 1}); "
+            "choose layers inside the model in the hparams file"
+        )

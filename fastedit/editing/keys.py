@@ -1,0 +1,100 @@
+"""Keys at the edited layers: the input of ``mlp_out`` at the subject's last token.
+
+k = ½·k(bare prompt) + ½·mean over the generated prefixes k("<prefix>. prompt"), as MEMIT/ROME compute it.
+The same forward also reads the current value at a site (the residual or the mlp_out output of the last
+edited layer, at the bare prompt), which is what MEMIT's residual R = Z − H is measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastedit.arch import ArchSpec, capture
+from fastedit.editing.batching import model_device, pad_token_id, right_pad
+from fastedit.editing.requests import EditRequest
+from fastedit.editing.subject import subject_last_index
+
+CHUNK = 64  # prompts per forward
+
+
+def contextual_prompts(request: EditRequest, contexts: Sequence[str]) -> list[str]:
+    """The request's prompt template inside each context template (``{}`` stays for the subject)."""
+    return [context.replace("{}", request.prompt, 1) for context in contexts]
+
+
+@torch.no_grad()
+def read_at_subject(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    *,
+    stop_layer: int,
+    inputs_of: Sequence[str] = (),
+    outputs_of: Sequence[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Inputs/outputs of named modules at the subject's last token: name -> (n_requests, n_contexts, width).
+
+    Runs the contextual prompts in chunks and stops each forward after block ``stop_layer`` (the deepest
+    module read must sit in or below it).
+    """
+    texts, positions = [], []
+    for req in requests:
+        for template in contextual_prompts(req, contexts):
+            texts.append(tokenizer(template.replace("{}", req.subject, 1)).input_ids)
+            positions.append(subject_last_index(tokenizer, template, req.subject, req.case_id))
+    names = list(dict.fromkeys([*inputs_of, *outputs_of]))
+    deepest = spec.path("block", stop_layer)
+    out: dict[str, list[torch.Tensor]] = {f"in:{n}": [] for n in inputs_of} | {f"out:{n}": [] for n in outputs_of}
+    device, pad = model_device(model), pad_token_id(tokenizer)
+    for start in range(0, len(texts), CHUNK):
+        ids, mask = right_pad(texts[start : start + CHUNK], pad, device)
+        pos = torch.as_tensor(positions[start : start + CHUNK], device=device)
+        rows = torch.arange(len(pos), device=device)
+        with capture(model, names, inputs=bool(inputs_of), stop_after=deepest) as rec:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for n in inputs_of:
+            out[f"in:{n}"].append(rec[n].input[rows, pos].float())
+        for n in outputs_of:
+            out[f"out:{n}"].append(rec[n].output[rows, pos].float())
+    shape = (len(requests), len(contexts))
+    return {key: torch.cat(parts).view(*shape, -1) for key, parts in out.items()}
+
+
+def average_contexts(per_context: torch.Tensor) -> torch.Tensor:
+    """(B, n_contexts, d) -> (B, d): ½ bare (context 0) + ½ mean of the prefixed contexts."""
+    if per_context.shape[1] == 1:
+        return per_context[:, 0]
+    return 0.5 * per_context[:, 0] + 0.5 * per_context[:, 1:].mean(dim=1)
+
+
+def compute_keys(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    layer: int,
+    contexts: Sequence[str],
+    *,
+    site: str | None = None,
+    site_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(K (B, d_k) averaged keys, k_bare (B, d_k), current site output at the bare prompt (B, d) or None)."""
+    key_name = spec.path("mlp_out", layer)
+    read = read_at_subject(
+        model,
+        tokenizer,
+        spec,
+        requests,
+        contexts,
+        stop_layer=max(layer, site_layer if site_layer is not None else layer),
+        inputs_of=[key_name],
+        outputs_of=[site] if site else [],
+    )
+    per_context = read[f"in:{key_name}"]
+    current = read[f"out:{site}"][:, 0] if site else None
+    return average_contexts(per_context), per_context[:, 0], current

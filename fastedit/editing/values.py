@@ -1,0 +1,242 @@
+"""v* / z* optimisation: the vector each request wants at the edit site, found by gradient descent on δ.
+
+δ_r (d_model) is added at the subject's last token of every prompt of request r, at a *site*: the residual
+after the last edited layer (MEMIT, EMMET, AlphaEdit) or the output of the edited ``mlp_out`` (ROME, and every
+method on post-MLP-norm families such as Gemma 2/3, so the closed form solves in the matrix's own output space).
+Per request, minimised over δ (shapes: h, δ (d_model,)):
+
+    loss = mean_prompts NLL(" " + target_new | context prefix + prompt)        (teacher forced, mean per token)
+         + kl_factor · KL( p_now(· | "{subject} is a") ‖ p_before )           (at the subject's last token)
+         + v_weight_decay · ‖δ‖ / ‖h‖²
+    after each Adam step: ‖δ‖ ≤ clamp_norm_factor · ‖h‖;   result z = h + δ
+
+Modes (``hparams.v_mode``): "reference" runs the whole model per step for one request at a time (the plain
+loop the reference tools run). "fast" replays only the layers from the site's layer upwards from a stored
+input, reads logits only where the loss needs them, and stops a request once its target NLL has converged.
+"batched" is "fast" over all requests of a chunk together, each with its own δ (one forward/backward per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastedit.arch import ArchSpec, add_at_positions, capture
+from fastedit.editing.batching import model_device, pad_token_id, right_pad
+from fastedit.editing.hparams import EditHparams
+from fastedit.editing.keys import contextual_prompts
+from fastedit.editing.replay import LayerReplay
+from fastedit.editing.requests import EditRequest
+from fastedit.editing.subject import subject_last_index
+from fastedit.errors import FasteditError
+
+log = logging.getLogger(__name__)
+
+BATCH_CHUNK = 16  # requests optimised together in "batched" mode (bounds the logits memory on large vocabs)
+
+
+class NonFiniteLossError(FasteditError):
+    """The v* loss became NaN/inf for a request."""
+
+
+def edit_site(spec: ArchSpec, method: str, layer: int) -> str:
+    """Where δ goes: mlp_out output for ROME and for post-MLP-norm families, else the block output (residual)."""
+    if method == "rome" or spec.post_mlp_norm is not None:
+        return spec.path("mlp_out", layer)
+    return spec.path("block", layer)
+
+
+@dataclass
+class _Rows:
+    """Every prompt row of a group of requests, and where the loss reads logits."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    sub_pos: list[int] = field(default_factory=list)  # (n,) subject's last token: where δ is added
+    owner: list[int] = field(default_factory=list)  # (n,) request index of each row
+    read_row: list[int] = field(default_factory=list)  # (m,) target-token reads
+    read_pos: list[int] = field(default_factory=list)
+    read_label: list[int] = field(default_factory=list)
+    read_weight: list[float] = field(default_factory=list)  # 1 / (n_tokens · n_prompts of the request)
+    read_owner: list[int] = field(default_factory=list)
+    kl_row: list[int] = field(default_factory=list)  # (B,) one KL prompt per request
+    bare_row: list[int] = field(default_factory=list)  # (B,) the bare rewriting prompt: where h is read
+
+
+def _build_rows(tokenizer: Any, requests: Sequence[EditRequest], contexts: Sequence[str], kl_prompt: str) -> _Rows:
+    rows = _Rows()
+    for r, req in enumerate(requests):
+        target = tokenizer(" " + req.target_new, add_special_tokens=False).input_ids
+        if not req.target_new.strip() or not target:
+            raise FasteditError(f"case {req.case_id}: target_new {req.target_new!r} is empty; give a new target")
+        templates = contextual_prompts(req, contexts)
+        for c, template in enumerate(templates):
+            prompt = tokenizer(template.replace("{}", req.subject, 1)).input_ids
+            row = len(rows.ids)
+            if c == 0:
+                rows.bare_row.append(row)
+            rows.ids.append(prompt + target[:-1])
+            rows.sub_pos.append(subject_last_index(tokenizer, template, req.subject, req.case_id))
+            rows.owner.append(r)
+            for j, token in enumerate(target):
+                rows.read_row.append(row)
+                rows.read_pos.append(len(prompt) - 1 + j)
+                rows.read_label.append(token)
+                rows.read_weight.append(1.0 / (len(target) * len(templates)))
+                rows.read_owner.append(r)
+        rows.kl_row.append(len(rows.ids))
+        rows.ids.append(tokenizer(kl_prompt.replace("{}", req.subject, 1)).input_ids)
+        rows.sub_pos.append(subject_last_index(tokenizer, kl_prompt, req.subject, req.case_id))
+        rows.owner.append(r)
+    return rows
+
+
+@dataclass
+class ValueResult:
+    """Per request: h (the site's current value at the bare prompt) and z = h + δ, both (B, d_model)."""
+
+    init: torch.Tensor
+    targets: torch.Tensor
+    info: list[dict[str, Any]]
+
+
+def compute_values(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    *,
+    site: str,
+    layer: int,
+    contexts: Sequence[str],
+    hp: EditHparams,
+) -> ValueResult:
+    """Optimise δ for every request at ``site`` (in block ``layer``) with the mode ``hp.v_mode``."""
+    if hp.v_mode == "batched":
+        groups = [list(range(i, min(i + BATCH_CHUNK, len(requests)))) for i in range(0, len(requests), BATCH_CHUNK)]
+    else:
+        groups = [[i] for i in range(len(requests))]
+    fast = hp.v_mode != "reference"
+    parts = [
+        _optimise(model, tokenizer, spec, [requests[i] for i in g], site, layer, contexts, hp, fast=fast)
+        for g in groups
+    ]
+    return ValueResult(
+        init=torch.cat([p.init for p in parts]),
+        targets=torch.cat([p.targets for p in parts]),
+        info=[item for p in parts for item in p.info],
+    )
+
+
+def _optimise(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    site: str,
+    layer: int,
+    contexts: Sequence[str],
+    hp: EditHparams,
+    *,
+    fast: bool,
+) -> ValueResult:
+    t0 = time.perf_counter()
+    device = model_device(model)
+    rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
+    ids, mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
+    n_req = len(requests)
+    t = lambda values: torch.as_tensor(values, device=device)  # noqa: E731
+    sub_pos, owner = t(rows.sub_pos), t(rows.owner)
+    read_rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
+    read_pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])
+    labels, weights, read_owner = t(rows.read_label), t(rows.read_weight).float(), t(rows.read_owner)
+    m = len(rows.read_row)
+
+    # One no-grad forward: h at the site (bare prompts), and (fast modes) the input of the layers to replay.
+    replay = LayerReplay(model, spec, layer) if fast else None
+    with capture(model, [site]) as rec:
+        if replay is not None:
+            replay.record(ids, mask)
+        else:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    h = rec[site].output[t(rows.bare_row), sub_pos[t(rows.bare_row)]].float()  # (B, d)
+
+    def read_logits(delta: torch.Tensor) -> torch.Tensor:
+        """Logits (m + B, vocab) at the target reads then the KL reads, with δ_owner added at each row."""
+        with add_at_positions(model, site, delta[owner], sub_pos):
+            if replay is not None:
+                return replay.logits_at(read_rows, read_pos).float()
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[read_rows, read_pos].float()
+
+    with torch.no_grad():
+        kl_before = torch.log_softmax(read_logits(torch.zeros_like(h))[m:], -1)  # (B, V)
+
+    h_norm = h.norm(dim=1)  # (B,)
+    scale = (h_norm / h.shape[1] ** 0.5)[:, None] if hp.v_lr_relative else torch.ones_like(h_norm)[:, None]
+    u = torch.zeros_like(h, requires_grad=True)  # δ = u · scale: Adam's step is then relative to rms(h)
+    opt = torch.optim.Adam([u], lr=hp.v_lr)
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    history: list[torch.Tensor] = []
+    steps = torch.zeros(n_req, dtype=torch.long)
+    first_nll = last_nll = last_loss = None
+    for it in range(hp.v_num_grad_steps):
+        delta = u * scale
+        logp = torch.log_softmax(read_logits(delta), -1)
+        token_lp = logp[:m].gather(1, labels[:, None]).squeeze(1)  # (m,)
+        nll = torch.zeros(n_req, device=device).index_add(0, read_owner, -token_lp * weights)  # (B,)
+        kl = (logp[m:].exp() * (logp[m:] - kl_before)).sum(-1)  # KL(now ‖ before), (B,)
+        decay = hp.v_weight_decay * delta.norm(dim=1) / h_norm**2
+        loss = nll + hp.kl_factor * kl + decay
+        bad = ~torch.isfinite(loss)
+        if bad.any():
+            case = requests[int(bad.nonzero()[0])].case_id
+            raise NonFiniteLossError(
+                f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {site}; "
+                "lower v_lr or clamp_norm_factor in the hparams, or check the model's dtype"
+            )
+        nll_d = nll.detach()
+        first_nll = nll_d.clone() if first_nll is None else first_nll
+        last_nll, last_loss = nll_d.clone(), loss.detach().clone()
+        steps[active.cpu()] = it + 1
+        done = loss.detach() < hp.v_loss_threshold
+        if fast:
+            history.append(nll_d)
+            done |= nll_d < hp.v_nll_stop
+            k = hp.v_nll_patience
+            if len(history) > k:
+                done |= nll_d > 0.99 * history[-1 - k]
+        active &= ~done
+        if not active.any() or it == hp.v_num_grad_steps - 1:
+            break
+        frozen = u.detach().clone()
+        opt.zero_grad()
+        (loss * active).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            u[~active] = frozen[~active]  # converged requests keep the δ their last loss was measured at
+            norm = (u * scale).norm(dim=1)
+            limit = hp.clamp_norm_factor * h_norm
+            u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
+
+    delta = (u * scale).detach()
+    elapsed = time.perf_counter() - t0
+    info = [
+        {
+            "case_id": req.case_id,
+            "nll_start": float(first_nll[r]),
+            "nll_end": float(last_nll[r]),
+            "loss_end": float(last_loss[r]),
+            "steps": int(steps[r]),
+            "delta_over_h": float(delta[r].norm() / h_norm[r]),
+            "seconds": elapsed / n_req,
+        }
+        for r, req in enumerate(requests)
+    ]
+    for item in info:
+        log.debug("v* %s", item)
+    return ValueResult(init=h.detach(), targets=h.detach() + delta, info=info)

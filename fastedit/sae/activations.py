@@ -1,0 +1,224 @@
+"""Activations for SAEs: text -> token windows -> hook captures -> a safetensors cache -> a shuffling buffer.
+
+Capture goes through the registry (`arch_for(model).path("block"|"mlp", layer)`) and stops the forward right
+after the hooked module, so no later layer and no logits are computed. BOS and padding positions are dropped:
+their activations are outliers (Gemma's BOS residual is ~100x a normal token's) that would dominate training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from fastedit.arch import arch_for, capture
+from fastedit.errors import FasteditError
+from fastedit.models import cache_dir, model_name
+
+log = logging.getLogger(__name__)
+
+WIKITEXT_ENV = "FASTEDIT_WIKITEXT"
+
+
+def default_wikitext() -> Path:
+    """The WikiText-2 raw test file: $FASTEDIT_WIKITEXT, else ../shared/data next to the repository."""
+    if os.environ.get(WIKITEXT_ENV):
+        return Path(os.environ[WIKITEXT_ENV])
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def read_corpus(path: str | Path | None = None, *, part: str = "train", held_out: float = 0.1) -> str:
+    """Plain text of a corpus file; ``part`` "train" is the first 90% of it, "heldout" the last 10%."""
+    path = Path(path) if path is not None else default_wikitext()
+    if not path.exists():
+        raise FasteditError(
+            f"corpus file {str(path)!r} does not exist; pass a plain-text file (--corpus) or set ${WIKITEXT_ENV}"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    cut = int(len(text) * (1 - held_out))
+    cut = text.find("\n", cut) + 1 or cut  # split at a line boundary
+    return text[:cut] if part == "train" else text[cut:]
+
+
+def bos_id(tokenizer: Any) -> int | None:
+    """The BOS id if this tokenizer prepends one by default (Gemma does, SmolLM2 does not)."""
+    ids = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def token_windows(
+    tokenizer: Any, texts: str | Sequence[str], context: int, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_windows, width) token ids and (n_windows,) lengths: windows start with BOS when the model uses one.
+
+    A single string is one stream cut into windows; a list of strings gives one (padded) window per string.
+    """
+    bos = bos_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    body = context - (bos is not None)
+    if isinstance(texts, str):
+        ids: list[int] = []
+        for para in texts.split("\n"):
+            if para.strip():
+                ids.extend(tokenizer(para, add_special_tokens=False)["input_ids"])
+            if len(ids) >= max_tokens * 1.1:
+                break
+        n = min(len(ids), max_tokens) // body
+        rows = [ids[i * body : (i + 1) * body] for i in range(n)]
+    else:
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:body] for t in texts]
+    if not rows:
+        raise FasteditError(f"corpus too short: fewer than {body} tokens")
+    width = max(len(r) for r in rows) + (bos is not None)
+    out = torch.full((len(rows), width), pad, dtype=torch.long)
+    lengths = torch.zeros(len(rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        row = ([bos] if bos is not None else []) + r
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        lengths[i] = len(row)
+    return out, lengths
+
+
+def _mask(tokenizer: Any, windows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(n, ctx) bool: real, non-BOS tokens."""
+    pos = torch.arange(windows.shape[1])
+    keep = pos[None, :] < lengths[:, None]
+    if bos_id(tokenizer) is not None:
+        keep[:, 0] = False
+    return keep
+
+
+def hook_path(model: torch.nn.Module, layer: int, site: str) -> str:
+    """The module whose output is the SAE's input: the block (residual after ``layer``) or the MLP."""
+    from fastedit.sae.io import SITES
+
+    if site not in SITES:
+        raise FasteditError(f"unknown SAE site {site!r}; choose one of {', '.join(SITES)}")
+    spec = arch_for(model)
+    n = spec.n_layers(model.config)
+    if not 0 <= layer < n:
+        raise FasteditError(f"layer {layer} out of range: the model has layers 0..{n - 1}")
+    return spec.path(SITES[site], layer)
+
+
+@torch.no_grad()
+def stream_activations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: str | Sequence[str],
+    layer: int,
+    *,
+    site: str = "resid_post",
+    context: int = 128,
+    max_tokens: int = 100_000,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield (n_tokens, d_in) float32 chunks of activations at the hook, BOS/padding dropped."""
+    name = hook_path(model, layer, site)
+    windows, lengths = token_windows(tokenizer, texts, context, max_tokens)
+    keep = _mask(tokenizer, windows, lengths)
+    for start in tqdm(range(0, len(windows), batch_size), desc="activations", disable=not progress, unit="batch"):
+        ids = windows[start : start + batch_size]
+        attn = (torch.arange(ids.shape[1])[None, :] < lengths[start : start + batch_size, None]).long()
+        with capture(model, [name], stop_after=name) as rec:
+            model(input_ids=ids, attention_mask=attn)
+        yield rec[name].output[keep[start : start + batch_size]].float()
+
+
+def _cache_key(model: torch.nn.Module, corpus: str, layer: int, site: str, context: int, tokens: int) -> str:
+    digest = hashlib.sha256(corpus.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{model_name(model)}|{layer}|{site}|{context}|{tokens}|{digest}".encode()).hexdigest()[:20]
+
+
+def cached_activations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    corpus: str,
+    layer: int,
+    *,
+    site: str = "resid_post",
+    context: int = 128,
+    tokens: int = 100_000,
+    folder: str | Path | None = None,
+) -> Path:
+    """Capture ``tokens`` activations once into a safetensors file (reused by every SAE variant); its path.
+
+    Stored as float16 when every value fits (|x| < 60,000), else float32.
+    """
+    folder = Path(folder) if folder is not None else cache_dir() / "sae_activations"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"acts-{_cache_key(model, corpus, layer, site, context, tokens)}.safetensors"
+    if path.exists():
+        log.info("reusing cached activations %s", path)
+        return path
+    chunks = list(stream_activations(model, tokenizer, corpus, layer, site=site, context=context, max_tokens=tokens))
+    acts = torch.cat(chunks)
+    dtype = torch.float16 if acts.abs().max() < 60_000 else torch.float32
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"activations": acts.to(dtype).contiguous()}, tmp, metadata={"model": model_name(model)})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.info("cached %d activations at %s", len(acts), path)
+    return path
+
+
+def load_activations(path: str | Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("activations")
+
+
+class ShufflingBuffer:
+    """Mix activations from a stream of chunks: fill ``size`` rows, shuffle, hand out half, refill (SAELens-style).
+
+    Consecutive tokens of one text are strongly correlated; batches drawn from a shuffled buffer of many texts
+    are close to i.i.d., which SAE training needs. ``epochs`` > 1 replays a finite source.
+    """
+
+    def __init__(self, source: Any, *, size: int = 65_536, batch_size: int = 1024, seed: int = 0) -> None:
+        self.source = source  # a callable returning a fresh iterator of (n, d) chunks
+        self.size, self.batch_size = size, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batches(self, epochs: int = 1) -> Iterator[torch.Tensor]:
+        pool: list[torch.Tensor] = []
+        held = 0
+        buffer: torch.Tensor | None = None
+        for _ in range(epochs):
+            for chunk in self.source():
+                pool.append(chunk)
+                held += len(chunk)
+                if held < self.size:
+                    continue
+                buffer = torch.cat(([buffer] if buffer is not None else []) + pool)
+                pool, held = [], 0
+                buffer = buffer[torch.randperm(len(buffer), generator=self.gen)]
+                half = len(buffer) // 2
+                yield from self._emit(buffer[:half])
+                buffer = buffer[half:]
+        rest = torch.cat(([buffer] if buffer is not None else []) + pool) if (pool or buffer is not None) else None
+        if rest is not None and len(rest):
+            yield from self._emit(rest[torch.randperm(len(rest), generator=self.gen)])
+
+    def _emit(self, rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        for i in range(0, len(rows) - self.batch_size + 1, self.batch_size):
+            yield rows[i : i + self.batch_size].float()
+
+
+def chunks_of(tensor: torch.Tensor, size: int = 4096) -> Iterator[torch.Tensor]:
+    """A cached activation tensor as a stream of chunks (the buffer's source)."""
+    for i in range(0, len(tensor), size):
+        yield tensor[i : i + size]

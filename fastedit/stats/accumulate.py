@@ -1,0 +1,115 @@
+"""Single-pass, multi-layer accumulation of Σ k kᵀ in float64.
+
+One forward per batch captures the key (the input of ``mlp_out``) at every requested layer and stops right after
+the last one's ``mlp_out`` (no later layers, no logits). Keys at non-padding positions are folded into a float64
+running sum and dropped: memory is d_k² · 8 bytes per layer plus one batch of activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastedit.arch import ArchSpec, capture
+from fastedit.stats.errors import StatsError
+from fastedit.stats.tokens import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SecondMoment:
+    """Running S = Σ k kᵀ (float64, (d_k, d_k)) over at most ``target`` keys; later keys are ignored."""
+
+    d_k: int
+    target: int | None = None  # None: no limit (--dm full)
+    sum: torch.Tensor = field(init=False)
+    count: int = 0
+    seconds: float = 0.0  # time spent in the float64 update alone (benchmarks report it)
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.d_k, self.d_k, dtype=torch.float64)
+
+    @property
+    def full(self) -> bool:
+        return self.target is not None and self.count >= self.target
+
+    def add(self, keys: torch.Tensor) -> None:
+        """keys: (n, d_k) in any float dtype; S += kᵀk over the first (target - count) rows, in float64."""
+        if self.target is not None:
+            keys = keys[: max(0, self.target - self.count)]
+        if keys.shape[0] == 0:
+            return
+        start = time.perf_counter()
+        k64 = keys.to(device=self.sum.device, dtype=torch.float64)  # float32 products are exact in float64
+        self.sum.addmm_(k64.T, k64)  # (d_k, n) @ (n, d_k)
+        self.seconds += time.perf_counter() - start
+        self.count += int(keys.shape[0])
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def accumulate(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    moments: dict[int, SecondMoment],
+    batches: Sequence[Batch],
+    *,
+    progress: bool = True,
+    total_tokens: int | None = None,
+    initial_tokens: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Fold every batch's keys into ``moments`` (layer -> SecondMoment), one early-stopped forward per batch.
+
+    ``on_batch(i)`` runs after batch i is folded in (checkpoints). Raises `StatsError` naming the layer when a key
+    is NaN/Inf, before anything is written.
+    """
+    names = {layer: spec.path("mlp_out", layer) for layer in moments}
+    stop = names[max(moments)]
+    device = input_device(model)
+    bar = tqdm(
+        total=total_tokens,
+        initial=initial_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"keys at layers {','.join(map(str, sorted(moments)))}",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for i, batch in enumerate(batches):
+            mask = batch.attention_mask.to(device)
+            with capture(model, names.values(), inputs=True, outputs=False, stop_after=stop) as rec:
+                model(input_ids=batch.input_ids.to(device), attention_mask=mask, use_cache=False)
+            keep = None if bool(mask.all()) else mask.bool()  # only a last, short batch has padding
+            for layer, moment in moments.items():
+                captured: Any = rec[names[layer]].input
+                if captured is None:
+                    raise StatsError(f"layer {layer}: {names[layer]} did not run during the forward pass")
+                # (n, d_k): non-padding positions in token order (a view, no copy, when nothing is padded)
+                keys = captured.reshape(-1, captured.shape[-1]) if keep is None else captured[keep]
+                moment.add(keys)
+                # A NaN/Inf key makes its Σ k² on the diagonal non-finite for good: O(d_k) instead of O(n·d_k).
+                if not torch.isfinite(moment.sum.diagonal()).all():
+                    raise StatsError(
+                        f"non-finite (NaN/Inf) keys at layer {layer} ({names[layer]}); the model produces invalid "
+                        "activations there: check its weights and dtype (float32 is the safe choice)"
+                    )
+            bar.update(batch.n_tokens)
+            if on_batch is not None:
+                on_batch(i)
+    finally:
+        bar.close()

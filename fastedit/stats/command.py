@@ -1,0 +1,82 @@
+"""What `fastedit precompute` runs: load the model, pick the layers, ensure the statistics, summarise."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastedit.arch import arch_for
+from fastedit.stats.errors import StatsError
+from fastedit.stats.keystats import KeyStats, condition_number
+from fastedit.stats.layers import default_layers, layers_from_hparams
+from fastedit.stats.precompute import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_DM,
+    DEFAULT_SEQ_LEN,
+    LayerInfo,
+    run_stats,
+    summary_line,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeReport:
+    stats: dict[int, KeyStats]
+    info: dict[int, LayerInfo]
+    layers_source: str
+    corpus: str
+    eps: float | None = None
+    rank: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line per layer (empty on ranks other than 0 under torchrun)."""
+        return "\n".join(self.lines) if self.rank == 0 else ""
+
+
+def precompute(
+    model: str,
+    *,
+    dm: float | str = DEFAULT_DM,
+    layers: list[int] | None = None,
+    hparams: str | Path | None = None,
+    corpus: str | None = None,
+    eps: float | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    out: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> PrecomputeReport:
+    """Load ``model`` and ensure C0 at ``layers`` (else the hparams file's layers, else the family default).
+
+    With ``eps``, the summary also reports κ(C0 + εI), the conditioning editors get with that ridge.
+    """
+    from fastedit.models import load_model
+
+    if layers is not None and hparams is not None:
+        raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
+    loaded, tokenizer = load_model(model)
+    if layers is not None:
+        source = "--layers"
+    elif hparams is not None:
+        layers, source = layers_from_hparams(hparams), str(hparams)
+    else:
+        layers, source = default_layers(loaded, arch_for(loaded), model)
+    log.info("layers %s (from %s)", layers, source)
+    run = run_stats(
+        loaded, tokenizer, layers, dm=dm, corpus=corpus, seed=seed, out=out, batch_tokens=batch_tokens,
+        seq_len=seq_len, model_name=model, resume=resume, progress=progress, log_summary=False,
+    )  # fmt: skip
+    report = PrecomputeReport(run.stats, run.info, source, run.corpus.describe if run.corpus else "", eps, run.rank)
+    report.lines.append(f"{model}: layers {','.join(map(str, run.stats))} ({source}); corpus {report.corpus}")
+    for layer, stats in run.stats.items():
+        line = summary_line(stats, run.info[layer])
+        if eps is not None:
+            line += f"  cond(C0+{eps:g}I) {condition_number(stats.mean, eps):.3g}"
+        report.lines.append(line)
+    return report

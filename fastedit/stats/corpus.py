@@ -1,0 +1,337 @@
+"""Generic text for the key statistics: local files/folders, Hugging Face datasets, or text sampled from the model.
+
+A `Corpus` yields documents (strings) in a deterministic, seeded order. Its ``id`` identifies the content (a file
+hash, a dataset name, the sampling settings) and is recorded in every cache file made from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastedit.stats.errors import CorpusError
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".text", ".raw", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+TEXT_FIELDS = ("text", "content", "document", "article")
+
+# Used when no corpus is given and the hub is reachable.
+DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
+MODEL_CORPUS = "model"  # --corpus model: text sampled from the model itself
+
+DOC_CHARS = 4000  # text files: a document ends at a blank line or at the first line end after this many chars
+SHUFFLE_BUFFER = 10_000  # documents; a file smaller than this is shuffled completely
+
+# Model-sampled text: short seeded generations from common sentence openers (as MEMIT's prefix templates do).
+SAMPLE_OPENERS = ("The", "In", "A", "It", "Therefore", "Because", "I", "You", "This", "When", "On", "He")
+SAMPLE_NEW_TOKENS = 128
+SAMPLE_BATCH = 16
+SAMPLE_TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A source of documents. ``documents(seed)`` is deterministic for a given seed."""
+
+    kind: str  # "files" | "hub" | "model"
+    id: str  # identifies the content; recorded in cache metadata
+    slug: str  # short and filename-safe, used in cache file names
+    describe: str  # for logs and errors
+    finite: bool
+    _documents: Callable[[int], Iterator[str]]
+
+    def documents(self, seed: int) -> Iterator[str]:
+        return self._documents(seed)
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return slug[:max_len] or "x"
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def shuffled(items: Iterable[Any], rng: random.Random, buffer: int = SHUFFLE_BUFFER) -> Iterator[Any]:
+    """A seeded buffer shuffle: exact for streams shorter than ``buffer``, bounded memory for longer ones."""
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+# ---- local files -----------------------------------------------------------------------------------------
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    """Runs of non-blank lines, cut at blank lines or, at a line end, once ``DOC_CHARS`` long: contiguous text
+    either way, and a file without blank lines (WikiText has one paragraph per line) still shuffles in chunks."""
+    lines: list[str] = []
+    size = 0
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            text = line.strip()
+            if text:
+                lines.append(text)
+                size += len(text)
+            if lines and (not text or size >= DOC_CHARS):
+                yield "\n".join(lines)
+                lines, size = [], 0
+    if lines:
+        yield "\n".join(lines)
+
+
+def _record_text(record: Any, where: str) -> str | None:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where}: expected an object with a text field or a string, got {type(record).__name__}")
+    for key in TEXT_FIELDS:
+        if isinstance(record.get(key), str):
+            return record[key]
+    raise CorpusError(
+        f"{where}: no text field (looked for {', '.join(TEXT_FIELDS)}; found {', '.join(map(str, record)) or 'none'})"
+        "; rename the text field to 'text'"
+    )
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        if first == "[":  # a JSON array of records
+            try:
+                records = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"corpus file {path} is not valid JSON ({exc})") from None
+            for i, record in enumerate(records):
+                text = _record_text(record, f"{path} record {i}")
+                if text and text.strip():
+                    yield text
+            return
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"corpus file {path} line {lineno} is not valid JSON ({exc})") from None
+            text = _record_text(record, f"{path} line {lineno}")
+            if text and text.strip():
+                yield text
+
+
+def _parquet_documents(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise CorpusError(f"corpus file {path} is not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    column = next((c for c in TEXT_FIELDS if c in names), None)
+    if column is None:
+        raise CorpusError(f"parquet corpus {path} has no text column (looked for {TEXT_FIELDS}; found {names})")
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _file_documents(path: Path) -> Iterator[str]:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return _text_documents(path)
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_documents(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet_documents(path)
+    raise CorpusError(
+        f"unknown corpus format {path.suffix or '(no suffix)'!r} for {path}; use a text file "
+        f"({', '.join(TEXT_SUFFIXES)}), JSON lines ({', '.join(JSONL_SUFFIXES)}) or parquet, or a folder of them"
+    )
+
+
+def _file_identity(path: Path) -> str:
+    """Content hash for files up to 256 MB, else name + size + mtime (hashing a huge corpus costs too much)."""
+    stat = path.stat()
+    if stat.st_size <= 256 << 20:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()[:16]
+    return _short_hash(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+
+
+def local_corpus(location: str) -> Corpus:
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise CorpusError(f"corpus {location!r} does not exist; pass an existing .txt/.jsonl/.parquet file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+        if not files:
+            raise CorpusError(
+                f"corpus folder {location!r} holds no {'/'.join(KNOWN_SUFFIXES)} files; add text files or pass a file"
+            )
+    else:
+        if path.suffix.lower() not in KNOWN_SUFFIXES:
+            _file_documents(path)  # raises the unknown-format error
+        files = [path]
+    ident = _short_hash(
+        ":".join(f"{f.relative_to(path) if path.is_dir() else f.name}={_file_identity(f)}" for f in files)
+    )
+
+    def documents(seed: int) -> Iterator[str]:
+        rng = random.Random(seed)
+        order = list(files)
+        rng.shuffle(order)
+        for f in order:
+            yield from shuffled(_file_documents(f), rng)
+
+    name = path.name or str(path)
+    return Corpus("files", f"file:{name}:{ident}", f"{slugify(name, 32)}-{ident[:6]}", str(path), True, documents)
+
+
+# ---- Hugging Face datasets -----------------------------------------------------------------------------------
+
+
+def hub_corpus(spec: str, split: str = "train") -> Corpus:
+    """``name`` or ``name:config`` of a Hugging Face dataset, streamed (the hub must be reachable)."""
+    from fastedit.models import _hub_reachable
+
+    name, _, config = spec.partition(":")
+    if not _hub_reachable():
+        raise CorpusError(
+            f"corpus {spec!r} is a Hugging Face dataset and the hub is unreachable; pass a local .txt/.jsonl/.parquet "
+            "file or folder, or omit --corpus to sample text from the model itself"
+        )
+
+    def documents(seed: int) -> Iterator[str]:
+        import datasets
+
+        ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        for record in ds.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER):
+            text = _record_text(record, f"dataset {spec}")
+            if text and text.strip():
+                yield text
+
+    return Corpus(
+        "hub", f"hf:{name}:{config}:{split}", slugify(f"hf-{name}-{config}"), f"dataset {spec}", True, documents
+    )
+
+
+# ---- text sampled from the model ---------------------------------------------------------------------------
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """Token ids the tokenizer puts before any text (e.g. Gemma's <bos>; none for SmolLM2)."""
+    with_special = tokenizer("a").input_ids
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    for start in range(len(with_special) - len(bare) + 1):
+        if with_special[start : start + len(bare)] == bare:
+            return list(with_special[:start])
+    return []
+
+
+@torch.no_grad()
+def _sampled_documents(model: Any, tokenizer: Any, seed: int) -> Iterator[str]:
+    """Endless seeded generations: batch b continues opener b mod len(openers), sampled with top-p."""
+    device = next(model.parameters()).device
+    prefix = special_prefix(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = 0
+    while True:
+        opener = SAMPLE_OPENERS[batch % len(SAMPLE_OPENERS)]
+        ids = prefix + tokenizer(opener, add_special_tokens=False).input_ids
+        input_ids = torch.tensor([ids] * SAMPLE_BATCH, device=device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + batch)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                top_p=SAMPLE_TOP_P,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=SAMPLE_NEW_TOKENS,
+                pad_token_id=pad,
+            )
+        for row in out:
+            text = tokenizer.decode(row[len(prefix) :], skip_special_tokens=True)
+            if text.strip():
+                yield text
+        batch += 1
+
+
+def model_corpus(model: Any, tokenizer: Any) -> Corpus:
+    settings = f"openers{len(SAMPLE_OPENERS)}-new{SAMPLE_NEW_TOKENS}-topp{SAMPLE_TOP_P}"
+    return Corpus(
+        "model",
+        f"model-sampled:{settings}",
+        "model-sampled",
+        "text sampled from the model",
+        False,
+        lambda seed: _sampled_documents(model, tokenizer, seed),
+    )
+
+
+# ---- resolution --------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(text: str) -> bool:
+    return (
+        text.startswith((".", "/", "~"))
+        or Path(text).expanduser().exists()
+        or Path(text).suffix.lower() in KNOWN_SUFFIXES
+        or "\\" in text
+    )
+
+
+def resolve_corpus(corpus: str | None, model: Any, tokenizer: Any) -> Corpus:
+    """A local file/folder, ``model``, or a HF dataset name; ``None``: the default HF corpus when the hub is
+    reachable, else text sampled from the model (logged, and recorded in the cache metadata)."""
+    if corpus is None:
+        from fastedit.models import _hub_reachable
+
+        if _hub_reachable():
+            log.info("no corpus given: streaming %s from the hub", DEFAULT_HUB_CORPUS)
+            return hub_corpus(DEFAULT_HUB_CORPUS)
+        log.warning(
+            "no corpus given and the Hugging Face hub is unreachable: sampling text from the model itself "
+            "(seeded; recorded in the cache metadata). Pass --corpus FILE for generic text."
+        )
+        return model_corpus(model, tokenizer)
+    corpus = str(corpus)
+    if not corpus.strip():
+        raise CorpusError("empty corpus name; pass a .txt/.jsonl/.parquet file or folder, or a dataset name:config")
+    if corpus == MODEL_CORPUS:
+        return model_corpus(model, tokenizer)
+    if _looks_like_path(corpus):
+        return local_corpus(corpus)
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", corpus):
+        return hub_corpus(corpus)
+    raise CorpusError(
+        f"cannot interpret corpus {corpus!r}: pass a local .txt/.jsonl/.parquet file or folder, a Hugging Face "
+        "dataset as name or name:config, or 'model' for text sampled from the model"
+    )

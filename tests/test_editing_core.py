@@ -1,0 +1,319 @@
+"""The editing core on tiny random models: replay, subject index, contexts, hparams, update rules, engine."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import TEXT, tiny_model, tiny_tokenizer
+from tokenizers import processors
+
+from fastedit.arch import arch_for, capture, mlp_out_matrix
+from fastedit.editing.alphaedit import alphaedit_update, nullspace_projector
+from fastedit.editing.batching import right_pad
+from fastedit.editing.context import context_templates
+from fastedit.editing.emmet import emmet_update
+from fastedit.editing.engine import EditFailedError, apply_edit, compute_edit
+from fastedit.editing.hparams import EditHparams, hparams_path, load_hparams
+from fastedit.editing.memit import memit_update
+from fastedit.editing.replay import LayerReplay
+from fastedit.editing.requests import EditRequest
+from fastedit.editing.rome import rome_update
+from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
+from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site
+from fastedit.errors import ConfigError
+
+# Subjects end right before the prediction, so a 3-layer random model can carry the edit to the output.
+REQUESTS = [
+    EditRequest("0", "The Louvre is a museum in {}", "Paris", "Rome", "London"),
+    EditRequest("1", "Toko Yasuda plays the {}", "guitar", "Redmond", "piano"),
+]
+UNRELATED = "Mozart was born in Salzburg"
+
+
+def peaked(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw the weights with unit-variance signal (std 1/√fan_in): the default 0.02 init gives flat outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                fan_in = 1 if any(e in name for e in ("embed", "wte", "wpe")) else p.shape[1]
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model
+
+
+def key_stats(model: torch.nn.Module, tok, layers) -> dict[int, torch.Tensor]:
+    """C0 = mean k kᵀ over every token of the tiny corpus, plus a small ridge (d_k 40 > the token count)."""
+    spec = arch_for(model)
+    names = [spec.path("mlp_out", layer) for layer in layers]
+    rows = [tok(line).input_ids for line in TEXT.splitlines() if line]
+    ids, mask = right_pad(rows, tok.pad_token_id)
+    with capture(model, names, inputs=True) as rec:
+        model(input_ids=ids, attention_mask=mask)
+    out = {}
+    for layer, name in zip(layers, names, strict=True):
+        k = rec[name].input[mask.bool()].double()
+        out[layer] = k.T @ k / len(k) + 1e-2 * torch.eye(k.shape[1], dtype=torch.float64)
+    return out
+
+
+def target_nll(model, tok, req: EditRequest, target: str) -> float:
+    p = tok(req.rewrite_prompt()).input_ids
+    t = tok(" " + target, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + t[:-1]])).logits[0], -1)
+    return -sum(logp[len(p) - 1 + j, x].item() for j, x in enumerate(t)) / len(t)
+
+
+def hp_for(method: str, **kw) -> EditHparams:
+    base = {
+        "method": method,
+        "layers": (1,) if method == "rome" else (0, 1),
+        "clamp_norm_factor": 20.0,
+        "v_weight_decay": 1e-3,
+        "mom2_update_weight": 1.0,
+        "v_lr": 1.0,
+        "v_lr_relative": True,
+        "v_num_grad_steps": 10,
+        "kl_factor": 0.0,
+        "context_seeds": ("The", "I"),
+        "context_length": 5,
+        "nullspace_threshold": 5e-2,
+        "alphaedit_l2": 1e-3,
+    }
+    return EditHparams(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+# ---- machinery -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "llama", "gemma2", "gemma3_text"])
+def test_replay_matches_full_forward(family, tok):
+    model = peaked(tiny_model(family))
+    ids, mask = right_pad([tok("The Eiffel Tower is located in").input_ids, tok("Mozart was").input_ids], 0)
+    full = model(input_ids=ids, attention_mask=mask).logits
+    replay = LayerReplay(model, arch_for(model), 1)
+    replay.record(ids, mask)
+    rows, pos = torch.tensor([0, 0, 1]), torch.tensor([1, 5, 2])
+    assert torch.allclose(replay.logits_at(rows, pos), full[rows, pos], atol=1e-5)
+
+
+def test_subject_index_is_bos_aware(tok):
+    template = "The mother tongue of {} is"
+    ids = tok(template.replace("{}", "Danielle Darrieux")).input_ids
+    idx = subject_last_index(tok, template, "Danielle Darrieux")
+    assert tok.decode(ids[: idx + 1]).endswith("Darrieux") and not tok.decode(ids[:idx]).endswith("Darrieux")
+    bos_tok = copy.deepcopy(tok)
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert bos_tok(template).input_ids[0] == tok.bos_token_id
+    assert subject_last_index(bos_tok, template, "Danielle Darrieux") == idx + 1
+    # Subject at the very start: the BOS alone is the prefix.
+    assert subject_last_index(bos_tok, "{} is", "Paris") == len(tok("Paris").input_ids)
+
+
+def test_subject_errors_name_the_case(tok):
+    with pytest.raises(SubjectNotFoundError, match=r"case 7.*no '\{\}'"):
+        subject_last_index(tok, "Paris is in France", "Paris", "7")
+    with pytest.raises(SubjectNotFoundError, match=r"case 8.*empty"):
+        subject_last_index(tok, "{} is in", "  ", "8")
+
+
+def test_context_templates_are_seeded(tok):
+    model = tiny_model("llama", seed=3)
+    a = context_templates(model, tok, length=6, seed=1)
+    b = context_templates(model, tok, length=6, seed=1)
+    assert a == b and a[0] == "{}" and len(a) == 6
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
+
+
+# ---- hparams -------------------------------------------------------------------------------------------
+
+
+def test_hparams_files_load_and_model_file_wins():
+    for method in ("rome", "memit", "emmet", "alphaedit"):
+        for family in ("gpt2", "gptj", "llama", "mistral", "qwen2", "gemma3_text"):
+            assert load_hparams(method, family).method == method
+    assert hparams_path("memit", "smollm2-135m").stem == "smollm2-135m"
+    assert hparams_path("memit", "llama").stem == "llama"
+    assert load_hparams("memit", "gpt2").layers == (13, 14, 15, 16, 17)
+
+
+def test_hparams_are_strict(tmp_path):
+    bad = tmp_path / "h.json"
+    bad.write_text('{"method": "memit", "layers": [4], "clamp_norm_factor": 4, "v_weight_decay": 0.1, "lr": 1}')
+    with pytest.raises(ConfigError, match=r"unknown key.*lr"):
+        load_hparams("memit", "llama", bad)
+    with pytest.raises(ConfigError, match="not 'rome'"):
+        load_hparams("rome", "llama", hparams_path("memit", "llama"))
+    with pytest.raises(ConfigError, match="no memit hparams"):
+        load_hparams("memit", "nosuchfamily")
+
+
+def test_layer_beyond_depth_is_a_clear_error(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=r"layers \[7\] are outside this model's 3 layers"):
+        apply_edit(model, tok, REQUESTS, method="memit", hparams=hp_for("memit", layers=(1, 7)), stats={})
+
+
+# ---- update rules ----------------------------------------------------------------------------------------
+
+
+def _random_problem(d=6, d_k=9, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(d, n, generator=g, dtype=torch.float64)
+    k = torch.randn(d_k, n, generator=g, dtype=torch.float64)
+    x = torch.randn(d_k, 50, generator=g, dtype=torch.float64)
+    return r, k, x @ x.T / 50
+
+
+def test_rome_writes_the_residual_exactly():
+    r, k, c0 = _random_problem(n=1)
+    k_star = k[:, 0] + 0.1
+    a, b = rome_update(r[:, 0], k_star, k[:, 0], c0, 100.0, 0.0)
+    assert torch.allclose((a @ b.T) @ k[:, 0], r[:, 0])
+
+
+def test_memit_solves_its_normal_equations():
+    r, k, c0 = _random_problem()
+    a, b = memit_update(r, k, c0, 5.0, 0.0)
+    delta = a @ b.T
+    # argmin_Δ ‖Δ K − R‖² + λ tr(Δ C0 Δᵀ)  ⇔  Δ (λ C0 + K Kᵀ) = R Kᵀ
+    assert torch.allclose(delta @ (5.0 * c0 + k @ k.T), r @ k.T)
+
+
+def test_emmet_meets_its_equality_constraints_without_mu():
+    r, k, c0 = _random_problem()
+    a, b = emmet_update(r, k, c0, 5.0, 0.0, 0.0)
+    assert torch.allclose((a @ b.T) @ k, r)
+    a, b = emmet_update(r, k, c0, 5.0, 0.0, 0.1)  # μ > 0 relaxes them
+    assert not torch.allclose((a @ b.T) @ k, r)
+
+
+def test_alphaedit_leaves_preserved_keys_alone():
+    r, k, _ = _random_problem()
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64)).Q
+    c0 = basis @ torch.diag(torch.tensor([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0], dtype=torch.float64)) @ basis.T
+    p = nullspace_projector(c0, 1e-6)
+    assert round(float(torch.trace(p))) == 4
+    a, b = alphaedit_update(r, k, p, k[:, :1], 1e-3)
+    preserved = basis[:, :5]  # directions the generic keys use
+    assert torch.allclose((a @ b.T) @ preserved, torch.zeros(6, 5, dtype=torch.float64), atol=1e-9)
+
+
+# ---- the engine --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "family"),
+    [
+        ("memit", "llama"),
+        ("rome", "llama"),
+        ("emmet", "llama"),
+        ("alphaedit", "llama"),
+        ("memit", "gpt2"),
+        ("memit", "gemma3_text"),
+        ("rome", "gemma3_text"),
+        ("emmet", "gemma3_text"),
+    ],
+)
+def test_edit_moves_the_targets_and_reports_factors(method, family, tok):
+    model = peaked(tiny_model(family))
+    hp = hp_for(method)
+    stats = key_stats(model, tok, hp.layers)
+    spec = arch_for(model)
+    before_w = {layer: mlp_out_matrix(model, spec, layer).detach().clone() for layer in hp.layers}
+    before = [target_nll(model, tok, r, r.target_new) for r in REQUESTS]
+    result = apply_edit(model, tok, REQUESTS, method=method, hparams=hp, stats=stats)
+    after = [target_nll(model, tok, r, r.target_new) for r in REQUESTS]
+    assert sum(after) < sum(before) - 0.3, (before, after)
+    assert set(result.deltas) == set(hp.layers)
+    for layer, (a, b) in result.deltas.items():
+        assert a.dtype == b.dtype == torch.float32 and a.shape == (24, 2) and b.shape == (40, 2)
+        change = mlp_out_matrix(model, spec, layer) - before_w[layer]
+        assert torch.allclose(change, a @ b.T, atol=1e-5)
+    assert [r["case_id"] for r in result.info["requests"]] == ["0", "1"]
+    assert result.info["method"] == method and result.info["hparams"]["layers"] == list(hp.layers)
+    if spec.post_mlp_norm:  # Gemma: δ on the edited matrix's own output
+        assert result.info["site"] == spec.path("mlp_out", hp.layers[-1])
+
+
+def test_compute_edit_leaves_the_model_unedited(tok):
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("memit")
+    stats = key_stats(model, tok, hp.layers)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    computed = compute_edit(model, tok, REQUESTS, method="memit", hparams=hp, stats=stats)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    applied = apply_edit(model, tok, REQUESTS, method="memit", hparams=hp, stats=stats)
+    for layer in hp.layers:
+        assert torch.allclose(computed.deltas[layer][0], applied.deltas[layer][0], atol=1e-5)
+
+
+def test_failure_midway_restores_every_weight(tok):
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("memit")
+    stats = key_stats(model, tok, hp.layers)
+    stats[1] = stats[1] * float("nan")  # layer 0's delta is applied before layer 1's solve fails
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(EditFailedError, match="layer 1"):
+        apply_edit(model, tok, REQUESTS, method="memit", hparams=hp, stats=stats)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_non_finite_loss_names_the_request(tok):
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("rome")
+    stats = key_stats(model, tok, hp.layers)
+    context_templates(model, tok, seeds=hp.context_seeds, length=hp.context_length)  # cached before the damage
+    bad_tokens = tok(" plays", add_special_tokens=False).input_ids  # one token
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_tokens] = float("nan")  # only request "1" has this token
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="case 1"):
+        apply_edit(model, tok, REQUESTS, method="rome", hparams=hp, stats=stats)
+    # Request "0" had been applied already: it is rolled back too (bit-exact; NaN == NaN for the damaged rows).
+    assert all(torch.allclose(state[k], v, rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_stats_for_another_model_are_refused(tok):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="shape"):
+        apply_edit(
+            model, tok, REQUESTS, method="memit", hparams=hp_for("memit"), stats={0: torch.eye(5), 1: torch.eye(5)}
+        )
+
+
+def test_v_modes_agree(tok):
+    """Fast and batched modes compute the same optimisation as the reference loop (stopping rules aside)."""
+    model = peaked(tiny_model("llama"))
+    spec = arch_for(model)
+    contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
+    site = edit_site(spec, "memit", 1)
+    runs = {}
+    for mode in ("reference", "fast", "batched"):
+        hp = hp_for("memit", v_mode=mode, v_nll_stop=0.0, v_nll_patience=1000)
+        runs[mode] = compute_values(model, tok, spec, REQUESTS, site=site, layer=1, contexts=contexts, hp=hp)
+    ref = runs["reference"].targets
+    for mode in ("fast", "batched"):
+        assert torch.allclose(runs[mode].targets, ref, rtol=1e-3, atol=1e-3 * float(ref.norm(dim=1).max()))
+    # With its convergence stop on, the fast mode ends no worse than noise away from the reference loss.
+    hp = hp_for("memit", v_mode="fast")
+    fast = compute_values(model, tok, spec, REQUESTS, site=site, layer=1, contexts=contexts, hp=hp)
+    for f, r in zip(fast.info, runs["reference"].info, strict=True):
+        assert f["steps"] <= r["steps"] and f["nll_end"] < f["nll_start"]
+
+
+def test_subject_after_a_trailing_space(tok):
+    """ "... of " + "Paris": the prefix's trailing space merges into the subject's first token."""
+    template = "The Louvre is a museum in {}"
+    idx = subject_last_index(tok, template, "Paris")
+    assert idx == len(tok("The Louvre is a museum in Paris").input_ids) - 1
