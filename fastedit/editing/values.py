@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from fastedit.arch import ArchSpec, add_at_positions, capture
 from fastedit.editing.batching import model_device, pad_token_id, right_pad
@@ -121,10 +122,13 @@ def compute_values(
     else:
         groups = [[i] for i in range(len(requests))]
     fast = hp.v_mode != "reference"
-    parts = [
-        _optimise(model, tokenizer, spec, [requests[i] for i in g], site, layer, contexts, hp, fast=fast)
-        for g in groups
-    ]
+    parts = []
+    with tqdm(total=len(requests), desc=f"v* ({hp.v_mode}) at {site}", unit="req", leave=False) as bar:
+        for g in groups:
+            parts.append(
+                _optimise(model, tokenizer, spec, [requests[i] for i in g], site, layer, contexts, hp, fast=fast)
+            )
+            bar.update(len(g))
     return ValueResult(
         init=torch.cat([p.init for p in parts]),
         targets=torch.cat([p.targets for p in parts]),
