@@ -298,3 +298,14 @@ def test_hub_dataset_name_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: False)
     with pytest.raises(CorpusError, match="hub is unreachable"):
         ensure_stats(tiny_model("llama"), tiny_tokenizer(), [0], corpus="wikitext:wikitext-103-raw-v1", out=tmp_path)
+
+
+def test_seq_len_is_clipped_to_the_models_positions(tmp_path):
+    """A default seq_len longer than a short-context model's positions is clipped instead of crashing."""
+    model = tiny_model("gpt2")
+    model.config.n_positions = 32
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(("The Eiffel Tower is located in Paris. Michael Jordan plays basketball.\n\n") * 200)
+    stats = ensure_stats(model, tiny_tokenizer(), [1], dm=2, corpus=str(corpus), out=tmp_path / "o", seq_len=256)
+    assert stats[1].count == 2 * 40
+    assert stats[1].metadata["seq_len"] == "32"

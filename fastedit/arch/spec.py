@@ -38,6 +38,7 @@ class ArchSpec:
     n_layers_keys: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
     d_model_keys: tuple[str, ...] = ("hidden_size", "n_embd", "d_model")
     d_k_keys: tuple[str, ...] = ("intermediate_size", "n_inner")
+    max_positions_keys: tuple[str, ...] = ("max_position_embeddings", "n_positions", "n_ctx")
     d_k_default_multiple: int = 4  # d_k = multiple * d_model when the config leaves it None (GPT-2, GPT-J)
     text_config_key: str | None = None
     aliases: tuple[str, ...] = field(default=())
@@ -109,6 +110,11 @@ class ArchSpec:
     def d_k(self, config: Any) -> int:
         value = self._first(config, self.d_k_keys)
         return int(value) if value is not None else self.d_k_default_multiple * self.d_model(config)
+
+    def max_positions(self, config: Any) -> int | None:
+        """The longest sequence the model takes (None when the config does not say)."""
+        value = self._first(config, self.max_positions_keys)
+        return int(value) if value is not None else None
 
     def is_parallel(self, config: Any) -> bool:
         if self.parallel_config_key is not None:

@@ -40,7 +40,7 @@ class EditHparams:
     v_num_grad_steps: int = 25
     kl_factor: float = 0.0625
     v_loss_threshold: float = 0.05  # reference stop: total loss below this
-    v_mode: str = "reference"
+    v_mode: str = "fast"  # "reference" is the plain loop, kept for comparisons (benchmarks/edit_speed.py)
     v_lr_relative: bool = False  # scale the step by rms(h): Adam moves δ by ~v_lr·rms(h) per coordinate
     v_nll_stop: float = 0.05  # fast/batched: a request stops once its target NLL is below this
     v_nll_patience: int = 3  # fast/batched: ...or once its NLL improved by < 1% for this many steps

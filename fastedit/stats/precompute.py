@@ -280,6 +280,10 @@ def run_stats(
     dm_value = parse_dm(dm)
     if seq_len < 2 or batch_tokens < 1:
         raise StatsError(f"--seq-len must be >= 2 and --batch-tokens >= 1 (got {seq_len}, {batch_tokens})")
+    max_positions = spec.max_positions(model.config)
+    if max_positions is not None and seq_len > max_positions:
+        log.info("seq_len %d exceeds the model's %d positions: using %d", seq_len, max_positions, max_positions)
+        seq_len = max_positions
     if dm_value is not None and dm_value < 2:
         log.warning(
             "d_m = %g < 2: C0 from fewer than 2·d_k keys is near-singular (d_m = 1 is the invertibility minimum "
