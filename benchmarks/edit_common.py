@@ -71,3 +71,12 @@ def score(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str
     es, ps, ns = (100 * float(x) for x in (es, ps, ns))
     hm = 3 / sum(1 / max(x, 1e-9) for x in (es, ps, ns))
     return {"es": round(es, 1), "ps": round(ps, 1), "ns": round(ns, 1), "score": round(hm, 1)}
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,158 @@
+"""Edit speed: the fast v* modes vs the plain sequential "reference" loop, otherwise identical hparams.
+
+The first --n CounterFact cases are edited as one batch with --method, once per v* mode ("reference": the whole
+model per step, one request after the other, like the reference tools; "fast": replay only the layers above the
+site, logits only where the loss reads, stop at converged NLL; "batched": fast over chunks of requests). Each
+mode starts from the unedited model; the context prefixes are generated once beforehand so no mode pays for them.
+Reported per mode: wall seconds per request (v* and the whole edit = v* + keys + closed-form solves), the speed
+ratio against "reference", ES/PS/NS/Score (`fastedit.evaluate`), and how far each mode's v* targets are from the
+reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target (issue 4): ≥ 3× faster, metrics within ±2 points.
+
+    .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m              # 100 edits, reference vs fast
+    .venv/bin/python benchmarks/edit_speed.py --model gemma3-270m --modes fast,batched
+    .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --n 2 --threads 1
+
+Writes benchmarks/results/edit_speed_<model>.json (or --out PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
+
+from fastedit.arch import arch_for, mlp_out_param
+from fastedit.config import config_to_dict
+from fastedit.editing.api import evaluate
+from fastedit.editing.context import context_templates
+from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.hparams import V_MODES, load_hparams
+from fastedit.editing.requests import load_requests
+from fastedit.editing.values import ValueResult, compute_values, edit_site
+from fastedit.models import load_model
+from fastedit.stats import ensure_stats
+
+METRICS = ("es", "ps", "ns", "score")
+
+
+def agreement(mode: ValueResult, ref: ValueResult) -> dict[str, float]:
+    """How close a mode's v* targets are to the reference's, relative to the reference δ."""
+    d_ref = ref.targets - ref.init
+    d_mode = mode.targets - mode.init
+    rel = (mode.targets - ref.targets).norm(dim=1) / d_ref.norm(dim=1).clamp_min(1e-12)
+    cos = torch.nn.functional.cosine_similarity(d_mode, d_ref, dim=1)
+    return {"rel_diff_mean": float(rel.mean()), "rel_diff_max": float(rel.max()), "delta_cos_mean": float(cos.mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=100, help="first N cases of --requests, edited as one batch")
+    ap.add_argument("--requests", default=str(COUNTERFACT))
+    ap.add_argument("--method", default="memit", choices=["memit", "emmet", "alphaedit"])
+    ap.add_argument("--modes", default="fast", help="comma-separated v* modes compared with 'reference'")
+    ap.add_argument("--dm", default="10", help="d_m of the covariance (cached after the first run)")
+    ap.add_argument("--corpus", default=None, help="stats corpus (default: the WikiText-2 test file)")
+    ap.add_argument("--eval-batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_speed_<model>.json)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = ["reference", *[m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "reference"]]
+    bad = [m for m in modes if m not in V_MODES]
+    if bad:
+        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}")
+    corpus = args.corpus or str(WIKITEXT)
+    dm: float | str = args.dm if args.dm == "full" else float(args.dm)
+    out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
+
+    model, tok = load_model(args.model)
+    spec = arch_for(model)
+    requests = load_requests(args.requests, n=args.n).requests
+    base = load_hparams(args.method, model)
+    layers = list(base.layers)
+    stats = ensure_stats(model, tok, layers, dm=dm, corpus=corpus, progress=False)
+    covs = {layer: stats[layer].mean for layer in layers}
+    site = edit_site(spec, args.method, layers[-1])
+    contexts = context_templates(
+        model, tok, seeds=base.context_seeds, length=base.context_length, seed=base.context_seed
+    )
+    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in layers}
+    print(f"{args.model}: {len(requests)} requests, {args.method} layers {layers}, modes {modes}", flush=True)
+
+    unedited = {k: evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary[k] for k in METRICS}
+    print(f"unedited {unedited}", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    values: dict[str, ValueResult] = {}
+    for mode in modes:
+        hp = base.replace(v_mode=mode)
+        t0 = time.perf_counter()
+        values[mode] = compute_values(model, tok, spec, requests, site=site, layer=layers[-1], contexts=contexts, hp=hp)
+        t_values = time.perf_counter() - t0
+        try:
+            apply_edit(model, tok, requests, method=args.method, hparams=hp, stats=covs, values=values[mode])
+            t_edit = time.perf_counter() - t0
+            summary = evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary
+        finally:
+            restore_weights(model, snapshot)
+        info = values[mode].info
+        n = len(requests)
+        results[mode] = {
+            "seconds_values": round(t_values, 2),
+            "seconds_edit": round(t_edit, 2),
+            "values_seconds_per_request": round(t_values / n, 3),
+            "edit_seconds_per_request": round(t_edit / n, 3),
+            "mean_steps": round(sum(i["steps"] for i in info) / n, 2),
+            "mean_nll_end": round(sum(i["nll_end"] for i in info) / n, 4),
+            **{k: summary[k] for k in METRICS},
+        }
+        print(mode, results[mode], flush=True)
+
+    ref = results["reference"]
+    for mode in modes[1:]:
+        r = results[mode]
+        r["speedup_edit"] = round(ref["seconds_edit"] / r["seconds_edit"], 2)
+        r["speedup_values"] = round(ref["seconds_values"] / r["seconds_values"], 2)
+        r["metric_diff_vs_reference"] = {k: round(r[k] - ref[k], 1) for k in METRICS}
+        r["same_metrics_2pt"] = all(abs(r[k] - ref[k]) <= 2.0 for k in ("es", "ps", "ns"))
+        r["v_agreement"] = agreement(values[mode], values["reference"])
+    fastest = min(modes, key=lambda m: results[m]["seconds_edit"])
+    result = {
+        "config": {
+            "model": args.model,
+            "n": len(requests),
+            "method": args.method,
+            "requests": args.requests,
+            "dm": args.dm,
+            "corpus": corpus,
+            "hparams": config_to_dict(base),
+            "threads": torch.get_num_threads(),
+        },
+        "unedited": unedited,
+        "modes": results,
+        "fastest": fastest,
+    }
+    write_json(out, result)
+
+    print("\nunedited: " + "  ".join(f"{k.upper()} {unedited[k]:.1f}" for k in METRICS))
+    head = f"{'mode':>9} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
+    print(f"{head} {'ES':>5} {'PS':>5} {'NS':>5} {'Score':>5} {'Δv* rel':>8}")
+    for mode in modes:
+        r = results[mode]
+        speed = f"{r['speedup_edit']:.2f}x" if "speedup_edit" in r else "1.00x"
+        rel = f"{r['v_agreement']['rel_diff_mean']:.3f}" if "v_agreement" in r else "-"
+        print(
+            f"{mode:>9} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
+            f"{r['mean_steps']:>6.1f} " + " ".join(f"{r[k]:>5.1f}" for k in METRICS) + f" {rel:>8}"
+        )
+    print(f"fastest: {fastest}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
