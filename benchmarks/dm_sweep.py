@@ -21,14 +21,13 @@ Writes benchmarks/results/dm_sweep_<model>.json and .png (or --out PATH.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, v_setting, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -37,7 +36,7 @@ from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.requests import load_requests
-from fastedit.editing.values import ValueResult, compute_values, edit_site
+from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.errors import FasteditError
 from fastedit.models import load_model
 from fastedit.stats import condition_number, ensure_stats
@@ -57,13 +56,6 @@ def parse_dms(text: str) -> list[float | str]:
     return out
 
 
-def v_setting(hp: EditHparams) -> str:
-    """What v* depends on (not λ, ridge, μ or the layers below the last): equal strings share the targets."""
-    relevant = {k: v for k, v in config_to_dict(hp).items() if k.startswith(("v_", "kl_", "context_"))}
-    relevant.update(clamp_norm_factor=hp.clamp_norm_factor, last_layer=hp.layers[-1])
-    return json.dumps(relevant, sort_keys=True, default=str)
-
-
 def compute_all_values(
     model: Any, tok: Any, requests: list, hps: dict[str, EditHparams]
 ) -> tuple[dict[str, ValueResult], dict[str, Any]]:
@@ -73,7 +65,7 @@ def compute_all_values(
     by_method: dict[str, ValueResult] = {}
     record: dict[str, Any] = {}
     for method, hp in hps.items():
-        site = edit_site(spec, method, hp.layers[-1])
+        site = edit_site(spec, hp)
         key = (site, v_setting(hp))
         if key in cache:
             shared_with = next(m for m, v in by_method.items() if v is cache[key])
@@ -84,7 +76,7 @@ def compute_all_values(
             )
             t0 = time.perf_counter()
             cache[key] = compute_values(
-                model, tok, spec, requests, site=site, layer=hp.layers[-1], contexts=contexts, hp=hp
+                model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
             )
             seconds = time.perf_counter() - t0
             info = cache[key].info

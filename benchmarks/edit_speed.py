@@ -32,7 +32,7 @@ from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import V_MODES, load_hparams
 from fastedit.editing.requests import load_requests
-from fastedit.editing.values import ValueResult, compute_values, edit_site
+from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
 from fastedit.stats import ensure_stats
 
@@ -78,7 +78,7 @@ def main() -> None:
     layers = list(base.layers)
     stats = ensure_stats(model, tok, layers, dm=dm, corpus=corpus, progress=False)
     covs = {layer: stats[layer].mean for layer in layers}
-    site = edit_site(spec, args.method, layers[-1])
+    site = edit_site(spec, base)
     contexts = context_templates(
         model, tok, seeds=base.context_seeds, length=base.context_length, seed=base.context_seed
     )
@@ -93,7 +93,9 @@ def main() -> None:
     for mode in modes:
         hp = base.replace(v_mode=mode)
         t0 = time.perf_counter()
-        values[mode] = compute_values(model, tok, spec, requests, site=site, layer=layers[-1], contexts=contexts, hp=hp)
+        values[mode] = compute_values(
+            model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
+        )
         t_values = time.perf_counter() - t0
         try:
             apply_edit(model, tok, requests, method=args.method, hparams=hp, stats=covs, values=values[mode])

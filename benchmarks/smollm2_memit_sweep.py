@@ -21,7 +21,7 @@ from fastedit.arch import arch_for, mlp_out_param
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import load_hparams
-from fastedit.editing.values import compute_values, edit_site
+from fastedit.editing.values import compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
 
 
@@ -44,12 +44,14 @@ def main() -> None:
     rows = [{"setting": "unedited", **score(model, tok, records)}]
     print(rows[0], flush=True)
     contexts = context_templates(model, tok, seeds=base.context_seeds, length=base.context_length)
-    site = edit_site(spec, "memit", base.layers[-1])
+    site = edit_site(spec, base)
     snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in base.layers}
     for clamp, lr, steps in itertools.product(args.clamps, args.lrs, args.steps):
         hp = base.replace(clamp_norm_factor=clamp, v_lr=lr, v_num_grad_steps=steps)
         t0 = time.perf_counter()
-        values = compute_values(model, tok, spec, requests, site=site, layer=base.layers[-1], contexts=contexts, hp=hp)
+        values = compute_values(
+            model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
+        )
         v_seconds = time.perf_counter() - t0
         for lam in args.lams:
             hp_l = hp.replace(mom2_update_weight=lam)

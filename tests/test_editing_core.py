@@ -242,8 +242,8 @@ def test_edit_moves_the_targets_and_reports_factors(method, family, tok):
         assert torch.allclose(change, a @ b.T, atol=1e-5)
     assert [r["case_id"] for r in result.info["requests"]] == ["0", "1"]
     assert result.info["method"] == method and result.info["hparams"]["layers"] == list(hp.layers)
-    if spec.post_mlp_norm:  # Gemma: δ on the edited matrix's own output
-        assert result.info["site"] == spec.path("mlp_out", hp.layers[-1])
+    if spec.post_mlp_norm and method != "rome":  # Gemma: one δ per edited layer, on its own mlp_out output
+        assert list(result.info["site"]) == [spec.path("mlp_out", layer) for layer in hp.layers]
 
 
 def test_compute_edit_leaves_the_model_unedited(tok):
@@ -297,7 +297,7 @@ def test_v_modes_agree(tok):
     model = peaked(tiny_model("llama"))
     spec = arch_for(model)
     contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
-    site = edit_site(spec, "memit", 1)
+    site = edit_site(spec, hp_for("memit"))
     runs = {}
     for mode in ("reference", "fast", "batched"):
         hp = hp_for("memit", v_mode=mode, v_nll_stop=0.0, v_nll_patience=1000)

@@ -5,11 +5,11 @@
 ``hparams.layers`` (layer i's delta is applied before layer i+1's keys are read); ROME edits one layer, one
 request after the other. If anything fails midway, every edited weight is restored bit-exactly.
 
-Post-MLP-norm families (Gemma 2/3, ``spec.post_mlp_norm``): δ is optimised on the last edited layer's
-``mlp_out`` *output* (before the norm), so Z, H and R all live in the edited matrix's own output space and the
-closed forms solve for what the matrix itself must emit; the spread re-measures the remaining gap at that
-output after each layer's update. This makes the editors run correctly end to end; making Gemma edits *good*
-is issue 5.
+Post-MLP-norm families (Gemma 2/3, ``spec.post_mlp_norm``): W's output m reaches the residual only through
+N(m) = g ⊙ m / rms(m). With ``hparams.post_norm = "per_layer"`` (the default) v* optimises one δ_i per edited
+layer on m_i itself, with every norm in the loop, and layer i's closed form targets m_i + δ_i. "project"
+optimises δ on the residual and maps each layer's share r to the change of m whose normed output comes nearest
+to N(m) + r (``postnorm.py``); "ignore" and "output_site" are the baselines of issue 5.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from fastedit.editing.emmet import emmet_update
 from fastedit.editing.hparams import METHODS, EditHparams, check_layers, load_hparams
 from fastedit.editing.keys import compute_keys
 from fastedit.editing.memit import memit_update
+from fastedit.editing.postnorm import mlp_outputs, post_norm_gain, pre_norm_targets
 from fastedit.editing.requests import EditRequest
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import check_template
-from fastedit.editing.values import ValueResult, compute_values, edit_site
+from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.errors import ConfigError, FasteditError
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,13 @@ def _spread(
 ) -> EditResult:
     spec = arch_for(model)
     last = hp.layers[-1]
-    site = edit_site(spec, method, last)
+    site = edit_site(spec, hp)
     t0 = time.perf_counter()
     contexts = _contexts(model, tokenizer, hp)
+    per_layer = isinstance(site, tuple)  # one target per edited layer's mlp_out output (post_norm="per_layer")
     if values is None:
-        values = compute_values(model, tokenizer, spec, requests, site=site, layer=last, contexts=contexts, hp=hp)
+        start = site_start_layer(spec, hp)
+        values = compute_values(model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp)
     elif len(values.info) != len(requests):
         raise FasteditError(f"{len(values.info)} precomputed v* targets for {len(requests)} requests")
     info = _base_info(method, hp, contexts, site)
@@ -193,8 +196,24 @@ def _spread(
     deltas, keys_out = {}, {}
     t1 = time.perf_counter()
     for i, layer in enumerate(hp.layers):
-        keys, _, current = compute_keys(model, tokenizer, spec, requests, layer, contexts, site=site, site_layer=last)
-        residual = (values.targets - current) / (len(hp.layers) - i)  # (B, d_model): this layer's share
+        layer_info = info["layers"].setdefault(str(layer), {})
+        if per_layer:  # layer i's own target m_i + δ_i, against its output now (earlier layers are edited)
+            keys, _, current = compute_keys(model, tokenizer, spec, requests, layer, contexts, site=site[i])
+            residual = values.targets[:, i] - current  # (B, d_model)
+        else:
+            keys, _, current = compute_keys(
+                model, tokenizer, spec, requests, layer, contexts, site=site, site_layer=last
+            )
+            residual = (values.targets - current) / (len(hp.layers) - i)  # (B, d_model): this layer's share
+        if spec.post_mlp_norm is not None and hp.post_norm == "project":
+            # W's output passes the norm N(m) = g ⊙ m / rms(m) before the residual: ask W for the change of m
+            # that brings N(m) nearest to N(m) + residual (postnorm.py); the rest is left to later layers.
+            m = mlp_outputs(model, tokenizer, spec, requests, layer, contexts)
+            wanted = residual
+            residual, reached = pre_norm_targets(m, wanted, post_norm_gain(model, spec, layer))
+            residual = residual.float()
+            layer_info["reached"] = float(((reached * wanted).sum(1) / wanted.pow(2).sum(1).clamp_min(1e-30)).mean())
+            layer_info["residual_wanted_norm"] = float(wanted.norm(dim=1).mean())
         cov = stats[layer]
         if method == "memit":
             a, b = memit_update(residual.T, keys.T, cov, hp.mom2_update_weight, hp.ridge)
@@ -204,11 +223,16 @@ def _spread(
             prev = previous_keys.get(layer) if previous_keys else None
             projector = nullspace_projector(cov, hp.nullspace_threshold)
             a, b = alphaedit_update(residual.T, keys.T, projector, None if prev is None else prev.T, hp.alphaedit_l2)
-            info["layers"].setdefault(str(layer), {})["nullspace_dim"] = int(torch.trace(projector).round())
+            layer_info["nullspace_dim"] = int(torch.trace(projector).round())
         deltas[layer] = _apply(model, layer, a, b)
         keys_out[layer] = keys.detach()
-        info["layers"].setdefault(str(layer), {}).update(
-            residual_norm=float(residual.norm(dim=1).mean()), key_norm=float(keys.norm(dim=1).mean())
+        # realised share of the asked change: ⟨ΔW k_b, r_b⟩ / ‖r_b‖², ΔW k_b = A (Bᵀ k_b) (B, d_model)
+        made = (deltas[layer][1].T @ keys.T.float()).T @ deltas[layer][0].T
+        realised = (made * residual).sum(1) / residual.pow(2).sum(1).clamp_min(1e-30)
+        layer_info.update(
+            residual_norm=float(residual.norm(dim=1).mean()),
+            key_norm=float(keys.norm(dim=1).mean()),
+            realised=float(realised.mean()),
         )
     info["seconds_solve"] = time.perf_counter() - t1
     info["seconds"] = time.perf_counter() - t0
@@ -225,7 +249,7 @@ def _rome(
     """Rank one per request, applied before the next request's v* and keys are computed (like the reference)."""
     spec = arch_for(model)
     layer = hp.layers[0]
-    site = edit_site(spec, "rome", layer)
+    site = edit_site(spec, hp)
     t0 = time.perf_counter()
     contexts = _contexts(model, tokenizer, hp)
     info = _base_info("rome", hp, contexts, site)

@@ -17,6 +17,7 @@ from fastedit.errors import ConfigError
 
 METHODS = ("rome", "memit", "emmet", "alphaedit")
 V_MODES = ("reference", "fast", "batched")
+POST_NORM_MODES = ("per_layer", "project", "ignore", "output_site")
 
 HPARAMS_DIR = Path(__file__).resolve().parents[2] / "hparams"
 
@@ -52,6 +53,11 @@ class EditHparams:
     emmet_mu: float = 0.1  # EMMET: μ of (K_Eᵀ C⁻¹ K_E + μI), used for batches of > 1 request
     nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C0 below this span the null space
     alphaedit_l2: float = 10.0  # AlphaEdit: α of (...)+αI
+    # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
+    # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
+    # maps each layer's share to the nearest change the norm can emit; "ignore" asks W for the residual change
+    # itself; "output_site" optimises δ on the last layer's mlp_out output (the two baselines of issue 5).
+    post_norm: str = "per_layer"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (sweep, source)
 
@@ -60,6 +66,8 @@ class EditHparams:
             raise ConfigError(f"hparams: method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.v_mode not in V_MODES:
             raise ConfigError(f"hparams: v_mode {self.v_mode!r} is not one of {', '.join(V_MODES)}")
+        if self.post_norm not in POST_NORM_MODES:
+            raise ConfigError(f"hparams: post_norm {self.post_norm!r} is not one of {', '.join(POST_NORM_MODES)}")
         if not self.layers:
             raise ConfigError("hparams: layers is empty; give at least one layer index")
         if list(self.layers) != sorted(set(self.layers)):

@@ -1,8 +1,8 @@
 """v* / z* optimisation: the vector each request wants at the edit site, found by gradient descent on δ.
 
 δ_r (d_model) is added at the subject's last token of every prompt of request r, at a *site*: the residual
-after the last edited layer (MEMIT, EMMET, AlphaEdit) or the output of the edited ``mlp_out`` (ROME, and every
-method on post-MLP-norm families such as Gemma 2/3, so the closed form solves in the matrix's own output space).
+after the last edited layer (MEMIT, EMMET, AlphaEdit) or the output of the edited ``mlp_out`` (ROME), see
+``edit_site``. (Post-MLP-norm families map the residual target through the norm later: ``postnorm.py``.)
 Per request, minimised over δ (shapes: h, δ (d_model,)):
 
     loss = mean_prompts NLL(" " + target_new | context prefix + prompt)        (teacher forced, mean per token)
@@ -18,6 +18,7 @@ input, reads logits only where the loss needs them, and stops a request once its
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -45,11 +46,25 @@ class NonFiniteLossError(FasteditError):
     """The v* loss became NaN/inf for a request."""
 
 
-def edit_site(spec: ArchSpec, method: str, layer: int) -> str:
-    """Where δ goes: mlp_out output for ROME and for post-MLP-norm families, else the block output (residual)."""
-    if method == "rome" or spec.post_mlp_norm is not None:
+def edit_site(spec: ArchSpec, hp: EditHparams) -> str | tuple[str, ...]:
+    """Where δ goes: the residual after the last edited layer (block output), or that layer's ``mlp_out``
+    output for ROME (the rank-one solve targets the matrix's own output). Post-MLP-norm families follow
+    ``hp.post_norm``: "per_layer" gives one δ per edited layer on its ``mlp_out`` output (a tuple of sites,
+    before each norm), "output_site" one δ on the last layer's ``mlp_out`` output (issue 5's baseline)."""
+    layer = hp.layers[-1]
+    if spec.post_mlp_norm is not None and hp.method != "rome":
+        if hp.post_norm == "per_layer":
+            return tuple(spec.path("mlp_out", i) for i in hp.layers)
+        if hp.post_norm == "output_site":
+            return spec.path("mlp_out", layer)
+    if hp.method == "rome":
         return spec.path("mlp_out", layer)
     return spec.path("block", layer)
+
+
+def site_start_layer(spec: ArchSpec, hp: EditHparams) -> int:
+    """The lowest block holding a site of ``edit_site(spec, hp)``: where the fast modes start replaying."""
+    return hp.layers[0] if isinstance(edit_site(spec, hp), tuple) else hp.layers[-1]
 
 
 @dataclass
@@ -98,7 +113,8 @@ def _build_rows(tokenizer: Any, requests: Sequence[EditRequest], contexts: Seque
 
 @dataclass
 class ValueResult:
-    """Per request: h (the site's current value at the bare prompt) and z = h + δ, both (B, d_model)."""
+    """Per request: h (the site's current value at the bare prompt) and z = h + δ, both (B, d_model) for one
+    site, (B, S, d_model) for a tuple of S sites."""
 
     init: torch.Tensor
     targets: torch.Tensor
@@ -111,29 +127,34 @@ def compute_values(
     spec: ArchSpec,
     requests: Sequence[EditRequest],
     *,
-    site: str,
+    site: str | Sequence[str],
     layer: int,
     contexts: Sequence[str],
     hp: EditHparams,
 ) -> ValueResult:
-    """Optimise δ for every request at ``site`` (in block ``layer``) with the mode ``hp.v_mode``."""
+    """Optimise δ for every request at ``site`` with the mode ``hp.v_mode``.
+
+    ``layer``: the lowest block that holds a site (the fast modes replay from it). ``site`` may be a tuple of
+    sites: each request then gets one δ per site, optimised jointly (``post_norm="per_layer"``).
+    """
+    sites = [site] if isinstance(site, str) else list(site)
     if hp.v_mode == "batched":
         groups = [list(range(i, min(i + BATCH_CHUNK, len(requests)))) for i in range(0, len(requests), BATCH_CHUNK)]
     else:
         groups = [[i] for i in range(len(requests))]
     fast = hp.v_mode != "reference"
     parts = []
-    with tqdm(total=len(requests), desc=f"v* ({hp.v_mode}) at {site}", unit="req", leave=False) as bar:
+    where = sites[0] if len(sites) == 1 else f"{len(sites)} sites"
+    with tqdm(total=len(requests), desc=f"v* ({hp.v_mode}) at {where}", unit="req", leave=False) as bar:
         for g in groups:
             parts.append(
-                _optimise(model, tokenizer, spec, [requests[i] for i in g], site, layer, contexts, hp, fast=fast)
+                _optimise(model, tokenizer, spec, [requests[i] for i in g], sites, layer, contexts, hp, fast=fast)
             )
             bar.update(len(g))
-    return ValueResult(
-        init=torch.cat([p.init for p in parts]),
-        targets=torch.cat([p.targets for p in parts]),
-        info=[item for p in parts for item in p.info],
-    )
+    init, targets = torch.cat([p.init for p in parts]), torch.cat([p.targets for p in parts])
+    if isinstance(site, str):
+        init, targets = init[:, 0], targets[:, 0]
+    return ValueResult(init=init, targets=targets, info=[item for p in parts for item in p.info])
 
 
 def _optimise(
@@ -141,13 +162,14 @@ def _optimise(
     tokenizer: Any,
     spec: ArchSpec,
     requests: Sequence[EditRequest],
-    site: str,
+    sites: Sequence[str],
     layer: int,
     contexts: Sequence[str],
     hp: EditHparams,
     *,
     fast: bool,
 ) -> ValueResult:
+    """δ (B, S, d) for B requests at S sites; returns init/targets (B, S, d)."""
     t0 = time.perf_counter()
     device = model_device(model)
     rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
@@ -160,28 +182,43 @@ def _optimise(
     labels, weights, read_owner = t(rows.read_label), t(rows.read_weight).float(), t(rows.read_owner)
     m = len(rows.read_row)
 
-    # One no-grad forward: h at the site (bare prompts), and (fast modes) the input of the layers to replay.
+    # One no-grad forward: h at each site (bare prompts), and (fast modes) the input of the layers to replay.
     replay = LayerReplay(model, spec, layer) if fast else None
-    with capture(model, [site]) as rec:
+    with capture(model, list(sites)) as rec:
         if replay is not None:
             replay.record(ids, mask)
         else:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-    h = rec[site].output[t(rows.bare_row), sub_pos[t(rows.bare_row)]].float()  # (B, d)
+    bare = t(rows.bare_row)
+    h = torch.stack([rec[name].output[bare, sub_pos[bare]].float() for name in sites], dim=1)  # (B, S, d)
 
     def read_logits(delta: torch.Tensor) -> torch.Tensor:
-        """Logits (m + B, vocab) at the target reads then the KL reads, with δ_owner added at each row."""
-        with add_at_positions(model, site, delta[owner], sub_pos):
+        """Logits (m + B, vocab) at the target reads then the KL reads, with δ_owner added at each row/site."""
+        with contextlib.ExitStack() as stack:
+            for j, name in enumerate(sites):
+                stack.enter_context(add_at_positions(model, name, delta[owner, j], sub_pos))
             if replay is not None:
                 return replay.logits_at(read_rows, read_pos).float()
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[read_rows, read_pos].float()
 
-    with torch.no_grad():
-        kl_before = torch.log_softmax(read_logits(torch.zeros_like(h))[m:], -1)  # (B, V)
+    fired = dict.fromkeys(sites, 0)
+    counters = [
+        model.get_submodule(name).register_forward_hook(lambda *_, name=name: fired.__setitem__(name, 1))
+        for name in sites
+    ]
+    try:
+        with torch.no_grad():
+            kl_before = torch.log_softmax(read_logits(torch.zeros_like(h))[m:], -1)  # (B, V)
+    finally:
+        for handle in counters:
+            handle.remove()
+    if not all(fired.values()):
+        missing = [name for name, n in fired.items() if not n]
+        raise ValueError(f"v* sites {missing} lie below the replay start layer {layer}; pass the lowest site layer")
 
-    h_norm = h.norm(dim=1)  # (B,)
-    scale = (h_norm / h.shape[1] ** 0.5)[:, None] if hp.v_lr_relative else torch.ones_like(h_norm)[:, None]
+    h_norm = h.norm(dim=2)  # (B, S)
+    scale = (h_norm / h.shape[2] ** 0.5)[..., None] if hp.v_lr_relative else torch.ones_like(h_norm)[..., None]
     u = torch.zeros_like(h, requires_grad=True)  # δ = u · scale: Adam's step is then relative to rms(h)
     opt = torch.optim.Adam([u], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
@@ -194,13 +231,13 @@ def _optimise(
         token_lp = logp[:m].gather(1, labels[:, None]).squeeze(1)  # (m,)
         nll = torch.zeros(n_req, device=device).index_add(0, read_owner, -token_lp * weights)  # (B,)
         kl = (logp[m:].exp() * (logp[m:] - kl_before)).sum(-1)  # KL(now ‖ before), (B,)
-        decay = hp.v_weight_decay * delta.norm(dim=1) / h_norm**2
+        decay = hp.v_weight_decay * (delta.norm(dim=2) / h_norm**2).sum(dim=1)
         loss = nll + hp.kl_factor * kl + decay
         bad = ~torch.isfinite(loss)
         if bad.any():
             case = requests[int(bad.nonzero()[0])].case_id
             raise NonFiniteLossError(
-                f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {site}; "
+                f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {', '.join(sites)}; "
                 "lower v_lr or clamp_norm_factor in the hparams, or check the model's dtype"
             )
         nll_d = nll.detach()
@@ -223,9 +260,9 @@ def _optimise(
         opt.step()
         with torch.no_grad():
             u[~active] = frozen[~active]  # converged requests keep the δ their last loss was measured at
-            norm = (u * scale).norm(dim=1)
+            norm = (u * scale).norm(dim=2)
             limit = hp.clamp_norm_factor * h_norm
-            u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
+            u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
 
     delta = (u * scale).detach()
     elapsed = time.perf_counter() - t0
@@ -236,7 +273,7 @@ def _optimise(
             "nll_end": float(last_nll[r]),
             "loss_end": float(last_loss[r]),
             "steps": int(steps[r]),
-            "delta_over_h": float(delta[r].norm() / h_norm[r]),
+            "delta_over_h": float((delta[r].norm(dim=1) / h_norm[r]).mean()),
             "seconds": elapsed / n_req,
         }
         for r, req in enumerate(requests)
