@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/fastedit edit data/known-facts.json --model smollm2-135m
+	$(VENV)/bin/fastedit edit data/known-facts.json --model gemma3-270m
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, v_setting, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -36,7 +36,7 @@ from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.requests import load_requests
-from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
+from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
 from fastedit.errors import FasteditError
 from fastedit.models import load_model
 from fastedit.stats import condition_number, ensure_stats
@@ -61,12 +61,12 @@ def compute_all_values(
 ) -> tuple[dict[str, ValueResult], dict[str, Any]]:
     """v* targets per method, optimised once per distinct (site, v* setting)."""
     spec = arch_for(model)
-    cache: dict[tuple[str, str], ValueResult] = {}
+    cache: dict[str, ValueResult] = {}
     by_method: dict[str, ValueResult] = {}
     record: dict[str, Any] = {}
     for method, hp in hps.items():
         site = edit_site(spec, hp)
-        key = (site, v_setting(hp))
+        key = values_key(spec, hp)
         if key in cache:
             shared_with = next(m for m, v in by_method.items() if v is cache[key])
             record[method] = {"site": site, "shared_with": shared_with}
@@ -237,6 +237,30 @@ def main() -> None:
 
     stats_record: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
+
+    def snapshot_result(done: list[str]) -> dict[str, Any]:
+        """The record so far (written after every d_m, so an interrupted sweep keeps its finished rows)."""
+        return {
+            "config": {
+                "model": args.model,
+                "n": len(requests),
+                "requests": args.requests,
+                "corpus": args.corpus,
+                "dms": done,
+                "methods": methods,
+                "lam_factors": factors,
+                "layers": layers,
+                "hparams": {m: config_to_dict(hp) for m, hp in hps.items()},
+                "threads": torch.get_num_threads(),
+            },
+            "unedited": unedited,
+            "values": values_record,
+            "stats": stats_record,
+            "rows": rows,
+            "summary": summarise(rows, methods, done),
+            "seconds_total": round(time.perf_counter() - t_start, 1),
+        }
+
     for dm, label in zip(dms, dm_labels, strict=True):
         t0 = time.perf_counter()
         stats = ensure_stats(model, tok, layers, dm=dm, corpus=args.corpus, out=args.stats_dir, progress=False)
@@ -277,27 +301,9 @@ def main() -> None:
                 row["seconds"] = round(time.perf_counter() - t0, 2)
                 rows.append(row)
                 print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        write_json(out, snapshot_result(dm_labels[: dm_labels.index(label) + 1]))
 
-    result = {
-        "config": {
-            "model": args.model,
-            "n": len(requests),
-            "requests": args.requests,
-            "corpus": args.corpus,
-            "dms": dm_labels,
-            "methods": methods,
-            "lam_factors": factors,
-            "layers": layers,
-            "hparams": {m: config_to_dict(hp) for m, hp in hps.items()},
-            "threads": torch.get_num_threads(),
-        },
-        "unedited": unedited,
-        "values": values_record,
-        "stats": stats_record,
-        "rows": rows,
-        "summary": summarise(rows, methods, dm_labels),
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-    }
+    result = snapshot_result(dm_labels)
     write_json(out, result)
     png = out.with_suffix(".png")
     plot(result, png)

@@ -73,15 +73,6 @@ def score(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str
     return {"es": round(es, 1), "ps": round(ps, 1), "ns": round(ns, 1), "score": round(hm, 1)}
 
 
-def v_setting(hp: Any) -> str:
-    """What v* depends on (not λ, ridge, μ or the layers below the last): equal strings share the targets."""
-    from fastedit.config import config_to_dict
-
-    relevant = {k: v for k, v in config_to_dict(hp).items() if k.startswith(("v_", "kl_", "context_"))}
-    relevant.update(clamp_norm_factor=hp.clamp_norm_factor, last_layer=hp.layers[-1])
-    return json.dumps(relevant, sort_keys=True, default=str)
-
-
 def write_json(path: Path, data: Any) -> Path:
     """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)

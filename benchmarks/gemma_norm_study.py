@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, v_setting, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.editing.api import evaluate
@@ -29,7 +29,7 @@ from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.requests import load_requests
-from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
+from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
 from fastedit.models import load_model
 from fastedit.stats import ensure_stats
 
@@ -48,6 +48,7 @@ TREATMENTS: dict[str, dict[str, Any]] = {
     "per_layer_lam1k": {"post_norm": "per_layer", "mom2_update_weight": 1000},
     "per_layer_lam300": {"post_norm": "per_layer", "mom2_update_weight": 300},
     "per_layer_lam100": {"post_norm": "per_layer", "mom2_update_weight": 100},
+    "per_layer_lam3k": {"post_norm": "per_layer", "mom2_update_weight": 3000},
 }
 
 
@@ -83,7 +84,7 @@ def main() -> None:
     record["unedited"][f"{args.model}/n{args.n}"] = {k: pre[k] for k in METRICS}
     print(f"unedited n={args.n}: " + " ".join(f"{k} {pre[k]:.1f}" for k in METRICS), flush=True)
 
-    values: dict[tuple[str, str], ValueResult] = {}
+    values: dict[str, ValueResult] = {}
     for method in args.methods.split(","):
         base = load_hparams(method, model)
         for name, overrides in treatments.items():
@@ -92,7 +93,7 @@ def main() -> None:
             stats = ensure_stats(model, tok, layers, dm=args.dm, corpus=str(WIKITEXT), progress=False)
             covs = {layer: stats[layer].mean for layer in layers}
             site = edit_site(spec, hp)
-            key = (site, v_setting(hp))
+            key = values_key(spec, hp)
             t0 = time.perf_counter()
             if key not in values:
                 contexts = context_templates(

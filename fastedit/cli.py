@@ -10,6 +10,7 @@ import click
 
 from fastedit import __version__
 from fastedit.errors import FasteditError
+from fastedit.models import DEFAULT_MODEL
 
 
 class _Group(click.Group):
@@ -67,7 +68,7 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 
 @cli.command("edit")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", default=None, help="Model alias, hub id, folder or .gguf (default: the embedded model).")
+@click.option("--model", default=None, help=f"Model alias, hub id, folder or .gguf (default: {DEFAULT_MODEL}).")
 @click.option(
     "--method", type=click.Choice(["memit", "rome", "emmet", "alphaedit"]), default="memit", show_default=True
 )
@@ -88,7 +89,6 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 def edit_cmd(file: str, model: str | None, **options: Any) -> None:
     """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
     from fastedit.editing.run import EditRunOptions, run_edit
-    from fastedit.models import DEFAULT_MODEL
 
     report = run_edit(EditRunOptions(file=file, model=model or DEFAULT_MODEL, **options))
     click.echo(report.table)
@@ -113,7 +113,7 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
 
 @cli.command("precompute")
 @click.option(
-    "--model", "model", default="smollm2-135m", show_default=True, help="Model alias, hub id, folder or .gguf."
+    "--model", "model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf."
 )
 @click.option("--dm", default="10", show_default=True, help="Keys per layer N = dm·d_k (2-10 typical), or 'full'.")
 @click.option(
@@ -236,6 +236,13 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(), help="SAE folder (repeatable).")
 @click.option("--forget-topic", default="languages", show_default=True, help="CounterFact topic to forget.")
 @click.option("--editors", default="memit,emmet", show_default=True, help="Editing rows (comma list, '' for none).")
+@click.option(
+    "--editor-hparams",
+    "editor_hparams",
+    multiple=True,
+    metavar="METHOD=FILE",
+    help="Hparams file of an editing row (repeatable; default: the model's file in hparams/).",
+)
 @click.option("--max-forget", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
@@ -247,6 +254,7 @@ def unlearn_cmd(
     saes: tuple[str, ...],
     forget_topic: str,
     editors: str,
+    editor_hparams: tuple[str, ...],
     max_forget: int,
     retain_per_topic: int,
     candidates: int,
@@ -257,9 +265,18 @@ def unlearn_cmd(
     """Compare SAE feature clamping with MEMIT/EMMET edits at forgetting one CounterFact topic."""
     from fastedit.sae.unlearn import UnlearnConfig, run_unlearning
 
+    files = {}
+    for item in editor_hparams:
+        method, sep, path = item.partition("=")
+        if not sep or not path:
+            raise click.BadParameter(
+                f"{item!r}: write METHOD=FILE, e.g. memit=hparams.json", param_hint="--editor-hparams"
+            )
+        files[method] = path
     cfg = UnlearnConfig(
         forget_topic=forget_topic,
         editors=[e for e in editors.split(",") if e],
+        editor_hparams=files,
         max_forget=max_forget,
         retain_per_topic=retain_per_topic,
         candidates_per_topic=candidates,

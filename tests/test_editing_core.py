@@ -21,7 +21,7 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.requests import EditRequest
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
-from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site
+from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, values_key
 from fastedit.errors import ConfigError
 
 # Subjects end right before the prediction, so a 3-layer random model can carry the edit to the output.
@@ -144,6 +144,18 @@ def test_hparams_files_load_and_model_file_wins():
     assert hparams_path("memit", "smollm2-135m").stem == "smollm2-135m"
     assert hparams_path("memit", "llama").stem == "llama"
     assert load_hparams("memit", "gpt2").layers == (13, 14, 15, 16, 17)
+
+
+def test_values_key_shares_only_equal_targets():
+    spec = arch_for(tiny_model("llama"))
+    memit, emmet = load_hparams("memit", "llama"), load_hparams("emmet", "llama")
+    assert values_key(spec, memit) == values_key(spec, emmet)  # λ/μ/method do not change v*
+    assert values_key(spec, memit) == values_key(spec, memit.replace(mom2_update_weight=1.0))
+    assert values_key(spec, memit) != values_key(spec, memit.replace(v_lr=0.1))
+    assert values_key(spec, memit) != values_key(spec, memit.replace(layers=(4, 5, 6)))  # another site
+    gemma = arch_for(tiny_model("gemma3_text"))
+    hp = load_hparams("memit", "gemma3_text")  # per-layer sites: the lower layers matter too
+    assert values_key(gemma, hp) != values_key(gemma, hp.replace(layers=hp.layers[1:]))
 
 
 def test_hparams_are_strict(tmp_path):

@@ -145,8 +145,9 @@ def test_unedited_smollm2_counterfact_metrics(smollm2):
 
 
 @pytest.mark.real
-def test_smollm2_knows_the_project_facts(smollm2):
-    """data/known-facts.json: facts the real default model knows (ES 0 / NS high before any edit)."""
-    model, tok = smollm2
+@pytest.mark.parametrize("fixture", ["gemma3", "smollm2"])
+def test_real_models_know_the_project_facts(fixture, request):
+    """data/known-facts.json: facts the real models (Gemma 3 270M is the default) know: ES 0 / NS high unedited."""
+    model, tok = request.getfixturevalue(fixture)
     summary = evaluate_requests(model, tok, "data/known-facts.json").summary
     assert summary["es"] == 0 and summary["ps"] <= 25 and summary["ns"] >= 80

@@ -184,10 +184,23 @@ def test_structured_corpora(fmt, tmp_path):
     assert stats[0].count == 80 and stats[0].metadata["corpus_kind"] == "files"
 
 
+def test_offline_default_corpus_is_the_local_wikitext(tmp_path, monkeypatch):
+    import fastedit.models
+
+    monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.delenv("FASTEDIT_WIKITEXT", raising=False)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    default = ensure_stats(model, tok, [0], dm=2, out=tmp_path / "a", **SMALL)[0]
+    explicit = ensure_stats(model, tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path / "b", **SMALL)[0]
+    assert default.metadata["corpus"] == explicit.metadata["corpus"]
+    assert torch.equal(default.mean, explicit.mean)
+
+
 def test_model_sampled_fallback_is_seeded_and_recorded(tmp_path, caplog, monkeypatch):
     import fastedit.models
 
     monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: False)  # as on this offline machine
+    monkeypatch.setenv("FASTEDIT_WIKITEXT", str(tmp_path / "no-wikitext.raw"))  # and no local WikiText copy
     model, tok = tiny_model("llama"), tiny_tokenizer()
     monkeypatch.setattr("fastedit.stats.corpus.SAMPLE_NEW_TOKENS", 8)
     with caplog.at_level(logging.WARNING, logger="fastedit"):

@@ -2,7 +2,8 @@
 
 δ_r (d_model) is added at the subject's last token of every prompt of request r, at a *site*: the residual
 after the last edited layer (MEMIT, EMMET, AlphaEdit) or the output of the edited ``mlp_out`` (ROME), see
-``edit_site``. (Post-MLP-norm families map the residual target through the norm later: ``postnorm.py``.)
+``edit_site``. Post-MLP-norm families (Gemma 2/3) by default get one δ per edited layer, on each layer's
+``mlp_out`` output, optimised jointly (``post_norm="per_layer"``; ``postnorm.py`` holds the residual mapping).
 Per request, minimised over δ (shapes: h, δ (d_model,)):
 
     loss = mean_prompts NLL(" " + target_new | context prefix + prompt)        (teacher forced, mean per token)
@@ -19,6 +20,7 @@ input, reads logits only where the loss needs them, and stops a request once its
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastedit.arch import ArchSpec, add_at_positions, capture
+from fastedit.config import config_to_dict
 from fastedit.editing.batching import model_device, pad_token_id, right_pad
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.keys import contextual_prompts
@@ -65,6 +68,16 @@ def edit_site(spec: ArchSpec, hp: EditHparams) -> str | tuple[str, ...]:
 def site_start_layer(spec: ArchSpec, hp: EditHparams) -> int:
     """The lowest block holding a site of ``edit_site(spec, hp)``: where the fast modes start replaying."""
     return hp.layers[0] if isinstance(edit_site(spec, hp), tuple) else hp.layers[-1]
+
+
+def values_key(spec: ArchSpec, hp: EditHparams) -> str:
+    """What v* depends on: the site(s) and the v*/KL/context settings, not λ, ridge, μ or the closed form.
+
+    Equal keys mean `compute_values` would return the same targets, so MEMIT, EMMET or a λ grid can share them.
+    """
+    relevant = {k: v for k, v in config_to_dict(hp).items() if k.startswith(("v_", "kl_", "context_"))}
+    relevant.update(clamp_norm_factor=hp.clamp_norm_factor, site=edit_site(spec, hp), rome=hp.method == "rome")
+    return json.dumps(relevant, sort_keys=True, default=str)
 
 
 @dataclass

@@ -21,19 +21,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from fastedit.arch import arch_for, capture
+from fastedit.data import WIKITEXT_ENV, default_wikitext
 from fastedit.errors import FasteditError
 from fastedit.models import cache_dir, model_name
 
 log = logging.getLogger(__name__)
-
-WIKITEXT_ENV = "FASTEDIT_WIKITEXT"
-
-
-def default_wikitext() -> Path:
-    """The WikiText-2 raw test file: $FASTEDIT_WIKITEXT, else ../shared/data next to the repository."""
-    if os.environ.get(WIKITEXT_ENV):
-        return Path(os.environ[WIKITEXT_ENV])
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def read_corpus(path: str | Path | None = None, *, part: str = "train", held_out: float = 0.1) -> str:

@@ -62,6 +62,7 @@ class UnlearnConfig:
     retain_per_topic: int = 10
     min_forget: int = 20
     editors: list[str] = field(default_factory=lambda: ["memit", "emmet"])
+    editor_hparams: dict[str, str] = field(default_factory=dict)  # method -> hparams file (default: the model's)
     counterfact: str = ""
     corpus: str = ""
 
@@ -230,39 +231,72 @@ def _restored_weights(model: torch.nn.Module) -> Iterator[None]:
                 p.copy_(s)
 
 
-def edit_row(scorer: Scorer, method: str, base: dict[str, float], cfg: UnlearnConfig) -> dict[str, Any]:
-    """Rewrite every forget fact to its counterfactual with ``method`` (MEMIT/EMMET), score, restore."""
+def edit_row(
+    scorer: Scorer,
+    method: str,
+    base: dict[str, float],
+    cfg: UnlearnConfig,
+    values_cache: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Rewrite every forget fact to its counterfactual with ``method`` (MEMIT/EMMET), score, restore.
+
+    ``values_cache`` (values key -> v* targets) lets MEMIT and EMMET share one v* optimisation when their
+    hparams ask for the same targets (it is the slow part); a row that reused targets says so.
+    """
     row: dict[str, Any] = {"method": method, "kind": "edit"}
     t0 = time.perf_counter()
     try:
+        from fastedit.editing.context import context_templates
         from fastedit.editing.engine import apply_edit
-        from fastedit.editing.hparams import load_hparams
+        from fastedit.editing.hparams import hparams_path, load_hparams
         from fastedit.editing.requests import EditRequest
+        from fastedit.editing.values import compute_values, edit_site, site_start_layer, values_key
         from fastedit.stats import ensure_stats
     except ImportError as exc:
         log.warning("%s row: editors missing (%s)", method, exc)
         return {**row, "forget_acc": None, "retain_acc": None, "score": None, "note": "not available: editors missing"}
     model, tok = scorer.model, scorer.tokenizer
+    spec = arch_for(model)
     requests = [_request(q, EditRequest) for q in scorer.sets.forget]
+    values_cache = {} if values_cache is None else values_cache
     try:
-        hparams = load_hparams(method, model)
+        hp_file = cfg.editor_hparams.get(method) or hparams_path(method, model)
+        hp = load_hparams(method, model, hp_file)
         corpus = cfg.corpus or str(default_wikitext())
-        computed = ensure_stats(model, tok, list(hparams.layers), dm=10, corpus=corpus)
+        computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=corpus)
         stats = {layer: ks.mean for layer, ks in computed.items()}  # C0 per edited layer
+        key = values_key(spec, hp)
+        shared = key in values_cache
+        if not shared:
+            contexts = context_templates(
+                model, tok, seeds=hp.context_seeds, length=hp.context_length, seed=hp.context_seed
+            )
+            values_cache[key] = compute_values(
+                model,
+                tok,
+                spec,
+                requests,
+                site=edit_site(spec, hp),
+                layer=site_start_layer(spec, hp),
+                contexts=contexts,
+                hp=hp,
+            )
         with _restored_weights(model):
-            apply_edit(model, tok, requests, method=method, hparams=hparams, stats=stats)
+            apply_edit(model, tok, requests, method=method, hparams=hp, stats=stats, values=values_cache[key])
             retain, forget = scorer.retain(), scorer.forget()
     except Exception as exc:  # an editor failure must not sink the other rows
         log.exception("%s edit failed", method)
         return {**row, "forget_acc": None, "retain_acc": None, "score": None, "note": f"failed: {exc}"}
     passed = retain >= cfg.retain_gate * base["retain"]
+    note = "retain gate passed" if passed else f"retain gate failed (raw score {1 - forget:.3f}); scored 0.0"
     return {
         **row,
         "forget_acc": forget,
         "retain_acc": retain,
         "score": max(0.0, 1.0 - forget) if passed else 0.0,
         "seconds": round(time.perf_counter() - t0, 1),
-        "note": "retain gate passed" if passed else f"retain gate failed (raw score {1 - forget:.3f}); scored 0.0",
+        "hparams": str(hp_file),
+        "note": note + ("; v* targets shared with an earlier row" if shared else ""),
     }
 
 
@@ -376,8 +410,9 @@ def run_unlearning(
         res = sae_row(scorer, name, folder, cfg, retain_text, base, layer_cache)
         rows.append(res["row"])
         grids[name] = res["grid"]
+    values_cache: dict[str, Any] = {}
     for method in cfg.editors:
-        rows.append(edit_row(scorer, method, base, cfg))
+        rows.append(edit_row(scorer, method, base, cfg, values_cache))
     out.mkdir(parents=True, exist_ok=True)
     split = (
         f"forget topic {cfg.forget_topic}: {len(sets.forget)} known questions; "

@@ -310,16 +310,25 @@ def _looks_like_path(text: str) -> bool:
 
 def resolve_corpus(corpus: str | None, model: Any, tokenizer: Any) -> Corpus:
     """A local file/folder, ``model``, or a HF dataset name; ``None``: the default HF corpus when the hub is
-    reachable, else text sampled from the model (logged, and recorded in the cache metadata)."""
+    reachable, else the local WikiText-2 file (`fastedit.data`), else text sampled from the model (logged, and
+    recorded in the cache metadata)."""
     if corpus is None:
         from fastedit.models import _hub_reachable
 
         if _hub_reachable():
             log.info("no corpus given: streaming %s from the hub", DEFAULT_HUB_CORPUS)
             return hub_corpus(DEFAULT_HUB_CORPUS)
+        from fastedit.data import default_wikitext
+
+        wikitext = default_wikitext()
+        if wikitext.is_file():  # offline, with the local WikiText-2 copy (DESIGN's generic text here)
+            log.info("no corpus given and the hub is unreachable: using the local WikiText-2 file %s", wikitext)
+            return local_corpus(str(wikitext))
         log.warning(
-            "no corpus given and the Hugging Face hub is unreachable: sampling text from the model itself "
-            "(seeded; recorded in the cache metadata). Pass --corpus FILE for generic text."
+            "no corpus given, the Hugging Face hub is unreachable and there is no local WikiText-2 file (%s; set "
+            "$FASTEDIT_WIKITEXT): sampling text from the model itself (seeded; recorded in the cache metadata). "
+            "Pass --corpus FILE for generic text.",
+            wikitext,
         )
         return model_corpus(model, tokenizer)
     corpus = str(corpus)
