@@ -165,3 +165,26 @@ def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch):
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "| topk |" in res.stdout and (tmp_path / "u" / "unlearning.png").exists()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_stronger_clamps_after_a_failed_gate_are_skipped_only_when_asked(tmp_path, skip):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    save_sae(_random_sae(k=12), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
+    cfg = _small_cfg(
+        tmp_path,
+        retain_thresholds=[1.01],  # every feature qualifies (a random TopK SAE fires everywhere)
+        multipliers=[1e5, 2e5, 4e5],
+        norm_scales=[],
+        editors=[],
+        skip_stronger_after_fail=skip,
+    )
+    saved = run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=cfg)
+    grid = [g for g in saved["grids"]["topk"] if "grid" in g and not g.get("duplicate")]
+    weakest = [g for g in grid if g["multiplier"] == 1e5]
+    assert weakest and all(not g["kept"] for g in weakest)  # a 1e5 clamp wrecks the retain answers
+    stronger = [g for g in grid if g["multiplier"] > 1e5]
+    if skip:
+        assert stronger and all("skipped" in g and "retain_acc" not in g for g in stronger)
+    else:
+        assert stronger and all("retain_acc" in g for g in stronger)

@@ -10,7 +10,9 @@ Protocol (SAEBench, after Farrell et al. 2024), per SAE:
     Grids for c: ``absolute``: c_i = m, m ∈ {25, 50, 100, 200} (SAEBench's values, in activation units);
     ``norm-scaled``: c_i = s·median‖x‖ / ‖d_i‖, s ∈ {0.25, 0.5, 1, 2}: the clamp moves the residual by s times
     the layer's median residual norm (SAEBench's values were absolute sizes for Gemma-2-2B's residual).
- 4. keep configurations whose retain accuracy is ≥ 99% of the original; the score of the SAE is
+ 4. keep configurations whose retain accuracy is ≥ 99% of the original (each grid is scored weakest clamp first;
+    by default, once one fails the gate the stronger clamps of the same features are recorded as skipped, which
+    cuts the run time roughly in half: ``skip_stronger_after_fail``); the score of the SAE is
     1 − (lowest forget accuracy among kept configurations); 0.0 when only the unclamped model passes.
 Accuracy = share of the (known) questions whose true answer still beats the counterfactual (`questions.py`).
 Editing rows: MEMIT and EMMET rewrite every forget fact to its CounterFact ``target_new``; the same retain gate
@@ -56,6 +58,9 @@ class UnlearnConfig:
     multipliers: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 200.0])
     norm_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
     retain_gate: float = 0.99
+    # Clamps of one feature set are scored weakest first; once one fails the retain gate, the stronger ones of the
+    # same grid are recorded as skipped instead of scored (they move the residual further; False scores them all).
+    skip_stronger_after_fail: bool = True
     retain_corpus_tokens: int = 20_000
     candidates_per_topic: int = 80
     max_forget: int = 40
@@ -173,19 +178,25 @@ def sae_row(
         if len(top) == 0:
             grid.append({"retain_threshold": t, "n": n, "note": "no feature fires on forget text below threshold"})
             continue
-        scales = [("absolute", m, torch.full((len(top),), float(m))) for m in cfg.multipliers]
-        scales += [("norm-scaled", s, s * med / norms[top]) for s in cfg.norm_scales]
+        scales = [("absolute", m, torch.full((len(top),), float(m))) for m in sorted(cfg.multipliers)]
+        scales += [("norm-scaled", s, s * med / norms[top]) for s in sorted(cfg.norm_scales)]
+        failed: set[str] = set()  # grids whose weaker clamp already failed the retain gate
         for grid_name, m, values in scales:
             key = (tuple(sorted(top.tolist())), grid_name, m)
             entry = {"retain_threshold": t, "n": n, "grid": grid_name, "multiplier": m, "features": top.tolist()}
             if key in seen:
                 grid.append({**entry, **seen[key], "duplicate": True})
                 continue
+            if cfg.skip_stronger_after_fail and grid_name in failed:
+                grid.append({**entry, "kept": False, "skipped": "a weaker clamp of these features failed the gate"})
+                continue
             with clamp_features(model, sae, info, top, values, scorer.mask):
                 retain = scorer.retain()
                 # The forget set is only scored where the retain gate passes (the others cannot be kept).
                 forget = scorer.forget() if retain >= cfg.retain_gate * base["retain"] else None
             seen[key] = {"retain_acc": retain, "forget_acc": forget, "kept": forget is not None}
+            if forget is None:
+                failed.add(grid_name)
             grid.append({**entry, **seen[key]})
             log.info("%s %s", name, grid[-1] | {"features": len(top)})
     kept = [g for g in grid if g.get("kept")]
