@@ -11,8 +11,8 @@ Protocol (SAEBench, after Farrell et al. 2024), per SAE:
     ``norm-scaled``: c_i = s·median‖x‖ / ‖d_i‖, s ∈ {0.25, 0.5, 1, 2}: the clamp moves the residual by s times
     the layer's median residual norm (SAEBench's values were absolute sizes for Gemma-2-2B's residual).
  4. keep configurations whose retain accuracy is ≥ 99% of the original (each grid is scored weakest clamp first;
-    by default, once one fails the gate the stronger clamps of the same features are recorded as skipped, which
-    cuts the run time roughly in half: ``skip_stronger_after_fail``); the score of the SAE is
+    by default, once one fails the gate the stronger clamps of the same features are recorded as skipped, not
+    scored: ``skip_stronger_after_fail``, a time saving SAEBench does not make); the score of the SAE is
     1 − (lowest forget accuracy among kept configurations); 0.0 when only the unclamped model passes.
 Accuracy = share of the (known) questions whose true answer still beats the counterfactual (`questions.py`).
 Editing rows: MEMIT and EMMET rewrite every forget fact to its CounterFact ``target_new``; the same retain gate
