@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -190,10 +190,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bx.set_ylabel("cond(C0)")
     bx.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target (issue 4): ≥ 
     .venv/bin/python benchmarks/edit_speed.py --model gemma3-270m --modes fast,batched
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --n 2 --threads 1
 
-Writes benchmarks/results/edit_speed_<model>.json (or --out PATH).
+Writes benchmarks/results/edit_speed_<model>.json and .png (or --out PATH.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -46,6 +46,45 @@ def agreement(mode: ValueResult, ref: ValueResult) -> dict[str, float]:
     rel = (mode.targets - ref.targets).norm(dim=1) / d_ref.norm(dim=1).clamp_min(1e-12)
     cos = torch.nn.functional.cosine_similarity(d_mode, d_ref, dim=1)
     return {"rel_diff_mean": float(rel.mean()), "rel_diff_max": float(rel.max()), "delta_cos_mean": float(cos.mean())}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Seconds per request (v* and whole edit) and ES/PS/NS/Score, one group per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(result["modes"])
+    rows = [result["modes"][m] for m in modes]
+    xs = range(len(modes))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax.bar([x - 0.2 for x in xs], [r["values_seconds_per_request"] for r in rows], 0.4, label="v*")
+    ax.bar([x + 0.2 for x in xs], [r["edit_seconds_per_request"] for r in rows], 0.4, label="whole edit")
+    for x, r in zip(xs, rows, strict=True):
+        ax.annotate(
+            f"{r.get('speedup_edit', 1.0):.2f}x",
+            (x + 0.2, r["edit_seconds_per_request"]),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax.set_xticks(list(xs), modes)
+    ax.set_ylabel("wall seconds per request")
+    cfg = result["config"]
+    ax.set_title(f"{cfg['model']}: {cfg['n']} {cfg['method']} edits, {cfg['threads']} thread(s)")
+    ax.legend(fontsize=8)
+    width = 0.8 / (len(modes) + 1)
+    groups = [("unedited", result["unedited"]), *zip(modes, rows, strict=True)]
+    for j, (name, r) in enumerate(groups):
+        bx.bar(
+            [i + (j - len(modes) / 2) * width for i in range(len(METRICS))], [r[k] for k in METRICS], width, label=name
+        )
+    bx.set_xticks(range(len(METRICS)), [k.upper() for k in METRICS])
+    bx.set_ylim(0, 105)
+    bx.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -141,6 +180,8 @@ def main() -> None:
         "fastest": fastest,
     }
     write_json(out, result)
+    png = out.with_suffix(".png")
+    plot(result, png)
 
     print("\nunedited: " + "  ".join(f"{k.upper()} {unedited[k]:.1f}" for k in METRICS))
     head = f"{'mode':>9} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
@@ -153,7 +194,7 @@ def main() -> None:
             f"{mode:>9} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
             f"{r['mean_steps']:>6.1f} " + " ".join(f"{r[k]:>5.1f}" for k in METRICS) + f" {rel:>8}"
         )
-    print(f"fastest: {fastest}\nwrote {out}")
+    print(f"fastest: {fastest}\nwrote {out} and {png}")
 
 
 if __name__ == "__main__":

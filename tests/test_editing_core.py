@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from tiny_models import TEXT, tiny_model, tiny_tokenizer
+from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
-from fastedit.arch import arch_for, capture, mlp_out_matrix
+from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
 from fastedit.editing.alphaedit import alphaedit_update, nullspace_projector
-from fastedit.editing.batching import right_pad
+from fastedit.editing.batching import anchor_pad, right_pad
 from fastedit.editing.context import context_templates
 from fastedit.editing.emmet import emmet_update
 from fastedit.editing.engine import EditFailedError, apply_edit, compute_edit
@@ -102,6 +102,41 @@ def test_replay_matches_full_forward(family, tok):
     replay.record(ids, mask)
     rows, pos = torch.tensor([0, 0, 1]), torch.tensor([1, 5, 2])
     assert torch.allclose(replay.logits_at(rows, pos), full[rows, pos], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cached_replay_matches_full_forward(family, tok):
+    """Rows aligned at an anchor token, the columns before it cached once: every later column's logits are the
+    full forward's, step after step (the cache is reset between steps), and δ at the anchor reaches them."""
+    model = peaked(tiny_model(family))
+    spec = arch_for(model)
+    seqs = [tok(p).input_ids for p in ("The Eiffel Tower is located in", "Mozart was", "I think that Rome is in")]
+    anchors = [3, 1, 5]
+    pairs = list(zip(seqs, anchors, strict=True))
+    ids, mask = right_pad(seqs, 0)
+    batch = anchor_pad(seqs, anchors, 0)
+    assert batch.prefix_len == 5 and batch.ids.shape[1] == 5 + max(len(s) - a for s, a in pairs)
+    replay = LayerReplay(model, spec, 1)
+    replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
+    rows = torch.tensor([r for r, (s, a) in enumerate(pairs) for _ in range(a, len(s))])
+    tokens = torch.tensor([p for s, a in pairs for p in range(a, len(s))])
+    columns = tokens - torch.tensor(anchors)[rows]
+    full = model(input_ids=ids, attention_mask=mask).logits
+    for _ in range(2):
+        assert torch.allclose(replay.logits_at(rows, columns), full[rows, tokens], atol=1e-5)
+    delta = torch.randn(spec.text_config(model.config).hidden_size)
+    site = spec.path("block", 1)
+    with add_at_positions(model, site, delta, torch.tensor(anchors)):
+        edited = model(input_ids=ids, attention_mask=mask).logits
+    with add_at_positions(model, site, delta, torch.zeros(3, dtype=torch.long)):
+        replayed = replay.logits_at(rows, columns)
+    assert not torch.allclose(edited[rows, tokens], full[rows, tokens], atol=1e-3)
+    assert torch.allclose(replayed, edited[rows, tokens], atol=1e-4)
+
+
+def test_anchor_pad_rejects_an_anchor_outside_its_row():
+    with pytest.raises(ValueError, match="row 1: anchor 2"):
+        anchor_pad([[1, 2, 3], [4, 5]], [0, 2], 0)
 
 
 def test_subject_index_is_bos_aware(tok):

@@ -1,4 +1,4 @@
-"""The editing core on the real SmolLM2-135M: a MEMIT batch of 2 and one ROME edit make the new targets win."""
+"""The editing core on the real models: edits make the new targets win; the fast v* replay matches the model."""
 
 from __future__ import annotations
 
@@ -88,3 +88,32 @@ def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3):
         assert kl < 0.05, kl
     finally:
         restore_weights(model, snapshot)
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_prefix_cached_replay_matches_the_full_forward(request, which):
+    """The fast v* machinery on the real models: rows aligned at the subject token, the tokens before it in the
+    key/value cache, replay from an edit layer: logits at every later token equal the plain full forward's."""
+    from fastedit.editing.batching import anchor_pad, right_pad
+    from fastedit.editing.replay import LayerReplay
+    from fastedit.editing.subject import subject_last_index
+
+    model, tok = request.getfixturevalue(which)
+    templates = ["{} is located in the country of", "Yesterday I read that {} plays the", "{} is a"]
+    subjects = ["The Eiffel Tower", "Lionel Messi", "Danielle Darrieux"]
+    seqs = [tok(t.replace("{}", s)).input_ids for t, s in zip(templates, subjects, strict=True)]
+    anchors = [subject_last_index(tok, t, s) for t, s in zip(templates, subjects, strict=True)]
+    batch = anchor_pad(seqs, anchors, tok.pad_token_id or 0)
+    replay = LayerReplay(model, arch_for(model), 4)
+    replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
+    pairs = list(zip(seqs, anchors, strict=True))
+    rows = torch.tensor([r for r, (s, a) in enumerate(pairs) for _ in range(a, len(s))])
+    tokens = torch.tensor([p for s, a in pairs for p in range(a, len(s))])
+    with torch.no_grad():
+        replayed = replay.logits_at(rows, tokens - torch.tensor(anchors)[rows])
+        ids, mask = right_pad(seqs, tok.pad_token_id or 0)
+        full = model(input_ids=ids, attention_mask=mask).logits[rows, tokens]
+    assert batch.prefix_len > 0
+    scale = float(full.abs().max())
+    assert torch.allclose(replayed, full, atol=1e-4 * scale)
+    assert torch.equal(replayed.argmax(-1), full.argmax(-1))

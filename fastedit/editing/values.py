@@ -13,7 +13,9 @@ Per request, minimised over δ (shapes: h, δ (d_model,)):
 
 Modes (``hparams.v_mode``): "reference" runs the whole model per step for one request at a time (the plain
 loop the reference tools run). "fast" replays only the layers from the site's layer upwards from a stored
-input, reads logits only where the loss needs them, and stops a request once its target NLL has converged.
+input and only the token columns from the subject's last token on (the earlier ones sit in a key/value cache;
+``replay.py``), reads logits only where the loss needs them, and stops a request once its target NLL has
+converged.
 "batched" is "fast" over all requests of a chunk together, each with its own δ (one forward/backward per step).
 """
 
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fastedit.arch import ArchSpec, add_at_positions, capture
 from fastedit.config import config_to_dict
-from fastedit.editing.batching import model_device, pad_token_id, right_pad
+from fastedit.editing.batching import anchor_pad, model_device, pad_token_id, right_pad
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.keys import contextual_prompts
 from fastedit.editing.replay import LayerReplay
@@ -186,12 +188,11 @@ def _optimise(
     t0 = time.perf_counter()
     device = model_device(model)
     rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
-    ids, mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
     n_req = len(requests)
     t = lambda values: torch.as_tensor(values, device=device)  # noqa: E731
-    sub_pos, owner = t(rows.sub_pos), t(rows.owner)
+    owner = t(rows.owner)
     read_rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
-    read_pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])
+    read_pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])  # token indices in each row
     labels, weights, read_owner = t(rows.read_label), t(rows.read_weight).float(), t(rows.read_owner)
     m = len(rows.read_row)
 
@@ -199,8 +200,16 @@ def _optimise(
     replay = LayerReplay(model, spec, layer) if fast else None
     with capture(model, list(sites)) as rec:
         if replay is not None:
-            replay.record(ids, mask)
+            # Rows aligned at the subject's last token: the tokens before it never see δ (causal attention), so
+            # they are run once into the key/value cache; every step runs columns from the subject token on,
+            # where the subject token is column 0 and a read at token index p is column p - sub_pos[row].
+            batch = anchor_pad(rows.ids, rows.sub_pos, pad_token_id(tokenizer), device)
+            replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
+            read_pos = read_pos - t(rows.sub_pos)[read_rows]
+            sub_pos = torch.zeros_like(owner)
         else:
+            ids, mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
+            sub_pos = t(rows.sub_pos)
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
     bare = t(rows.bare_row)

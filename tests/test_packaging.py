@@ -1,0 +1,21 @@
+"""Packaging: the wheel's package list covers the tree, and the shipped hparams travel with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomllib
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_package_list_matches_the_tree():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    assert listed - {"fastedit.hparams"} == set(find_packages(str(ROOT), include=["fastedit*"]))
+    assert config["package-dir"] == {"fastedit.hparams": "hparams"}
+    # Every shipped file matches the package-data pattern (one folder per method).
+    pattern = config["package-data"]["fastedit.hparams"]
+    shipped = {p.relative_to(ROOT / "hparams") for p in (ROOT / "hparams").rglob("*") if p.is_file()}
+    assert shipped and all(p.match(pattern[0]) for p in shipped)
