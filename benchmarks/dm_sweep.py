@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
@@ -230,7 +230,7 @@ def main() -> None:
     print(f"unedited {unedited} ({eval_seconds:.1f} s)", flush=True)
 
     values, values_record = compute_all_values(model, tok, requests, hps)
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in layers}
+    snapshot = snapshot_mlp_out(model, spec, layers)
 
     stats_record: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -294,7 +294,7 @@ def main() -> None:
                 except (FasteditError, RuntimeError) as exc:  # singular / non-finite solve: record it, go on
                     row.update({k: None for k in METRICS}, error=f"{type(exc).__name__}: {exc}")
                 finally:
-                    restore_weights(model, snapshot)
+                    restore_mlp_out(model, spec, snapshot)
                 row["seconds"] = round(time.perf_counter() - t0, 2)
                 rows.append(row)
                 print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

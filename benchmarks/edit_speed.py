@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import V_MODES, load_hparams
 from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
@@ -121,7 +121,7 @@ def main() -> None:
     contexts = context_templates(
         model, tok, seeds=base.context_seeds, length=base.context_length, seed=base.context_seed
     )
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in layers}
+    snapshot = snapshot_mlp_out(model, spec, layers)
     print(f"{args.model}: {len(requests)} requests, {args.method} layers {layers}, modes {modes}", flush=True)
 
     unedited = {k: evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary[k] for k in METRICS}
@@ -141,7 +141,7 @@ def main() -> None:
             t_edit = time.perf_counter() - t0
             summary = evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary
         finally:
-            restore_weights(model, snapshot)
+            restore_mlp_out(model, spec, snapshot)
         info = values[mode].info
         n = len(requests)
         results[mode] = {

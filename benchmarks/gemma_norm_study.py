@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, write_json
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, restored_after
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
@@ -103,12 +103,9 @@ def main() -> None:
                     model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
                 )
             t_values = time.perf_counter() - t0
-            snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in layers}
-            try:
+            with restored_after(model, spec, layers):
                 result = apply_edit(model, tok, requests, method=method, hparams=hp, stats=covs, values=values[key])
                 post = evaluate(model, tok, requests).summary
-            finally:
-                restore_weights(model, snapshot)
             info = values[key].info
             row = {
                 "treatment": name,

@@ -17,9 +17,9 @@ import time
 import torch
 from edit_common import RESULTS, load_cases, score, stats_for
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.editing.context import context_templates
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import load_hparams
 from fastedit.editing.values import compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
@@ -45,7 +45,7 @@ def main() -> None:
     print(rows[0], flush=True)
     contexts = context_templates(model, tok, seeds=base.context_seeds, length=base.context_length)
     site = edit_site(spec, base)
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in base.layers}
+    snapshot = snapshot_mlp_out(model, spec, base.layers)
     for clamp, lr, steps in itertools.product(args.clamps, args.lrs, args.steps):
         hp = base.replace(clamp_norm_factor=clamp, v_lr=lr, v_num_grad_steps=steps)
         t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def main() -> None:
             apply_edit(model, tok, requests, method="memit", hparams=hp_l, stats=stats, values=values)
             row = {"lambda": lam, "clamp": clamp, "lr": lr, "steps": steps, **score(model, tok, records)}
             row["v_seconds_per_request"] = round(v_seconds / len(requests), 2)
-            restore_weights(model, snapshot)
+            restore_mlp_out(model, spec, snapshot)
             rows.append(row)
             print(row, flush=True)
     result = {"model": "smollm2-135m", "n": args.n, "mode": args.mode, "layers": list(base.layers), "rows": rows}

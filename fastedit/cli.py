@@ -121,7 +121,9 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
 )
 @click.option("--hparams", type=click.Path(dir_okay=False), help="Take the layers from this hparams JSON file.")
 @click.option("--corpus", help="Local .txt/.jsonl/.parquet file or folder, HF dataset name:config, or 'model'.")
-@click.option("--eps", type=float, help="Also report cond(C0 + eps·I) (editors add this ridge).")
+@click.option(
+    "--eps", type=float, help="Also report cond(C0 + ε·I), ε = EPS × C0's mean eigenvalue (the editors' rel_eps)."
+)
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per row.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Corpus order / sampling seed.")

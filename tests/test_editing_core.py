@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -10,13 +11,15 @@ from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
-from fastedit.editing.alphaedit import alphaedit_update, nullspace_projector
+from fastedit.editing.alphaedit import alphaedit_update
 from fastedit.editing.batching import anchor_pad, right_pad
 from fastedit.editing.context import context_templates
+from fastedit.editing.covariance import DegenerateNullSpaceError, EditCovariance
 from fastedit.editing.emmet import emmet_update
 from fastedit.editing.engine import EditFailedError, apply_edit, compute_edit
 from fastedit.editing.hparams import EditHparams, hparams_path, load_hparams
 from fastedit.editing.memit import memit_update
+from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
 from fastedit.editing.requests import EditRequest
 from fastedit.editing.rome import rome_update
@@ -221,39 +224,124 @@ def _random_problem(d=6, d_k=9, n=3, seed=0):
     return r, k, x @ x.T / 50
 
 
+def _problem(r, k, c0, lam=5.0, rel_eps=0.0, previous=None, bare=None, **hp):
+    hparams = EditHparams(method="memit", layers=(0,), clamp_norm_factor=1, v_weight_decay=0, **hp)
+    cov = EditCovariance(c0, lam=lam, rel_eps=rel_eps, device="cpu")
+    return LayerProblem(r, k, cov, hparams, previous_keys=previous, bare_keys=bare)
+
+
 def test_rome_writes_the_residual_exactly():
     r, k, c0 = _random_problem(n=1)
-    k_star = k[:, 0] + 0.1
-    a, b = rome_update(r[:, 0], k_star, k[:, 0], c0, 100.0, 0.0)
-    assert torch.allclose((a @ b.T) @ k[:, 0], r[:, 0])
+    k_star = k + 0.1
+    up = rome_update(_problem(r, k_star, c0, lam=100.0, bare=k))
+    assert torch.allclose((up.a @ up.b.T) @ k, r)
 
 
 def test_memit_solves_its_normal_equations():
     r, k, c0 = _random_problem()
-    a, b = memit_update(r, k, c0, 5.0, 0.0)
-    delta = a @ b.T
+    up = memit_update(_problem(r, k, c0))
     # argmin_Δ ‖Δ K − R‖² + λ tr(Δ C0 Δᵀ)  ⇔  Δ (λ C0 + K Kᵀ) = R Kᵀ
-    assert torch.allclose(delta @ (5.0 * c0 + k @ k.T), r @ k.T)
+    assert torch.allclose((up.a @ up.b.T) @ (5.0 * c0 + k @ k.T), r @ k.T)
 
 
-def test_emmet_meets_its_equality_constraints_without_mu():
-    r, k, c0 = _random_problem()
-    a, b = emmet_update(r, k, c0, 5.0, 0.0, 0.0)
-    assert torch.allclose((a @ b.T) @ k, r)
-    a, b = emmet_update(r, k, c0, 5.0, 0.0, 0.1)  # μ > 0 relaxes them
-    assert not torch.allclose((a @ b.T) @ k, r)
+def test_emmet_meets_its_equality_constraints_for_a_batch():
+    """EMMET's point: ΔW K = R exactly for B > 1 (MEMIT at any λ only approximates it)."""
+    r, k, c0 = _random_problem(n=4)
+    up = emmet_update(_problem(r, k, c0))
+    assert torch.allclose((up.a @ up.b.T) @ k, r, atol=1e-10)
+    assert up.info["constraint_residual"] < 1e-10
+    for lam in (1e-3, 1.0, 1e3):  # no λ makes MEMIT satisfy them
+        memit = memit_update(_problem(r, k, c0, lam=lam))
+        assert not torch.allclose((memit.a @ memit.b.T) @ k, r, atol=1e-6)
 
 
-def test_alphaedit_leaves_preserved_keys_alone():
-    r, k, _ = _random_problem()
+def test_emmet_preserves_generic_keys_in_the_c_norm():
+    """Among all Δ with Δ K = R, EMMET's minimises tr(Δ C Δᵀ): any other solution costs more."""
+    r, k, c0 = _random_problem(n=3)
+    up = emmet_update(_problem(r, k, c0))
+    delta = up.a @ up.b.T
+    g = torch.Generator().manual_seed(3)
+    null = torch.eye(9, dtype=torch.float64) - k @ torch.linalg.pinv(k)  # directions with N K = 0
+    other = delta + torch.randn(6, 9, generator=g, dtype=torch.float64) @ null
+    cost = lambda d: float(torch.trace(d @ (5.0 * c0) @ d.T))  # noqa: E731
+    assert torch.allclose(other @ k, r) and cost(other) > cost(delta)
+
+
+def test_emmet_with_mu_is_memit_at_lambda_times_mu():
+    """The Woodbury identity: R (KᵀC⁻¹K + μI)⁻¹ KᵀC⁻¹ = MEMIT at λ·μ, so μ > 0 is recorded as such."""
+    r, k, c0 = _random_problem(n=4)
+    relaxed = emmet_update(_problem(r, k, c0, lam=5.0, emmet_mu=0.1))
+    memit = memit_update(_problem(r, k, c0, lam=0.5))
+    assert torch.allclose(relaxed.a @ relaxed.b.T, memit.a @ memit.b.T, atol=1e-10)
+    assert relaxed.info["equivalent_memit_lambda"] == pytest.approx(0.5)
+
+
+def test_emmet_with_coinciding_keys_solves_what_it_can():
+    """The same subject twice gives the same key: the constraints conflict; the solve stays finite and says so."""
+    r, k, c0 = _random_problem(n=3)
+    k[:, 2] = k[:, 1]
+    up = emmet_update(_problem(r, k, c0))
+    assert torch.isfinite(up.b).all() and up.info["dropped_constraints"] == 1
+    assert torch.allclose((up.a @ up.b.T) @ k[:, :1], r[:, :1], atol=1e-8)
+
+
+def _low_rank_c0(spectrum):
     g = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64)).Q
-    c0 = basis @ torch.diag(torch.tensor([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0], dtype=torch.float64)) @ basis.T
-    p = nullspace_projector(c0, 1e-6)
-    assert round(float(torch.trace(p))) == 4
-    a, b = alphaedit_update(r, k, p, k[:, :1], 1e-3)
+    return basis, basis @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ basis.T
+
+
+def test_alphaedit_leaves_generic_and_earlier_keys_alone_and_still_edits():
+    r, k, _ = _random_problem(n=2)
+    basis, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])
+    # Keys with a part outside C0's span (as real edit keys have); earlier keys likewise.
+    previous = torch.randn(9, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    up = alphaedit_update(_problem(r, k, c0, previous=previous, nullspace_threshold=1e-3, alphaedit_l2=1e-5))
+    delta = up.a @ up.b.T
+    assert up.info["nullspace_dim"] == 4
+    assert delta.norm() > 0.1 * r.norm() / k.norm()  # an edit happened
     preserved = basis[:, :5]  # directions the generic keys use
-    assert torch.allclose((a @ b.T) @ preserved, torch.zeros(6, 5, dtype=torch.float64), atol=1e-9)
+    assert (delta @ preserved).abs().max() < 1e-8
+    assert (delta @ previous).norm() <= 1e-3 * (delta @ k).norm()
+
+
+def test_alphaedit_threshold_is_relative_to_the_keys_scale():
+    r, k, _ = _random_problem(n=2)
+    for scale in (1e-4, 1.0, 1e4):  # the same keys in other units: the same null space
+        _, c0 = _low_rank_c0([5.0 * scale, 3 * scale, 2 * scale, 1e-5 * scale, 0, 0, 0, 0, 0])
+        up = alphaedit_update(_problem(r, k, c0, nullspace_threshold=1e-3))
+        assert up.info["nullspace_dim"] == 6
+
+
+def test_alphaedit_degenerate_null_space_is_an_error():
+    r, k, _ = _random_problem(n=2)
+    _, full_rank = _low_rank_c0([5.0, 4, 3, 2, 1.5, 1.2, 1.1, 1.0, 0.9])
+    with pytest.raises(DegenerateNullSpaceError, match=r"empty.*raise nullspace_threshold"):
+        alphaedit_update(_problem(r, k, full_rank, nullspace_threshold=1e-3))
+
+
+def test_alphaedit_projector_is_computed_once_per_covariance(monkeypatch):
+    r, k, _ = _random_problem(n=2)
+    _, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])
+    problem = _problem(r, k, c0, nullspace_threshold=1e-3)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(1) or eigh(m))
+    for _ in range(3):
+        alphaedit_update(problem)
+    assert len(calls) == 1
+
+
+def test_lambda_and_relative_eps_are_applied_once():
+    """C = λ·C0 + εI with ε = rel_eps·λ·tr(C0)/d_k; a singular C0 (d_m < 1) stays solvable."""
+    _, c0 = _low_rank_c0([5.0, 3, 0, 0, 0, 0, 0, 0, 0])
+    cov = EditCovariance(c0, lam=10.0, rel_eps=1e-6, device="cpu")
+    eps = 1e-6 * 10.0 * float(torch.trace(c0)) / 9
+    assert float(cov.eps) == pytest.approx(eps)
+    assert torch.allclose(cov.matrix, 10.0 * c0 + eps * torch.eye(9, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(cov.matrix) == 9
+    # Scaling C0 scales ε with it: the regularisation means the same at every key scale.
+    assert float(EditCovariance(c0 * 1e4, lam=10.0, rel_eps=1e-6, device="cpu").eps) == pytest.approx(eps * 1e4)
 
 
 # ---- the engine --------------------------------------------------------------------------------------------
@@ -364,3 +452,104 @@ def test_subject_after_a_trailing_space(tok):
     template = "The Louvre is a museum in {}"
     idx = subject_last_index(tok, template, "Paris")
     assert idx == len(tok("The Louvre is a museum in Paris").input_ids) - 1
+
+
+# ---- per-layer targets, devices, regularisation, AlphaEdit in the engine -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reference", "batched"])
+def test_per_layer_targets_include_the_upstream_shift(tok, mode):
+    """Gemma (post-MLP norm): layer i's target is site i's value in the final optimised forward, with δ_<i
+    applied upstream, i.e. m_i(δ_<i) + δ_i, not m_i + δ_i."""
+    model = peaked(tiny_model("gemma3_text"))
+    spec = arch_for(model)
+    hp = hp_for("memit", v_mode=mode)
+    sites = edit_site(spec, hp)
+    assert isinstance(sites, tuple) and len(sites) == 2
+    contexts = context_templates(model, tok, seeds=hp.context_seeds, length=hp.context_length)
+    values = compute_values(model, tok, spec, REQUESTS, site=sites, layer=0, contexts=contexts, hp=hp)
+    for r, req in enumerate(REQUESTS):  # an independent forward with every δ at its site
+        ids = torch.tensor([tok(req.rewrite_prompt()).input_ids])
+        pos = [subject_last_index(tok, req.prompt, req.subject)]
+        with contextlib.ExitStack() as stack:
+            for j, name in enumerate(sites):
+                stack.enter_context(add_at_positions(model, name, values.delta[r, j], pos))
+            rec = stack.enter_context(capture(model, sites))  # registered after the δ hooks: sees m + δ
+            with torch.no_grad():
+                model(input_ids=ids)
+        seen = torch.stack([rec[name].output[0, pos[0]] for name in sites])
+        assert torch.allclose(values.targets[r], seen, rtol=1e-4, atol=1e-4 * float(seen.norm(dim=1).max()))
+        # The upstream shift is real: layer 1's target is not its unshifted value plus δ_1.
+        naive = values.init[r, 1] + values.delta[r, 1]
+        assert (values.targets[r, 1] - naive).norm() > 1e-2 * naive.norm()
+
+
+def test_statistics_move_to_the_keys_device_and_dtype():
+    """C0 may sit on the CPU while the model (keys, residuals) is on a GPU in bfloat16: the covariance moves to
+    the keys' device once and every solve runs there in float64. Simulated with fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastedit.editing.engine import _problem as build_problem
+
+    _, _, c0 = _random_problem()
+    hp = EditHparams(method="memit", layers=(0,), clamp_norm_factor=1, v_weight_decay=0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        keys = torch.empty(3, 9, device="cuda", dtype=torch.bfloat16)  # (B, d_k) rows, as the model gives them
+        residual = torch.empty(3, 6, device="cuda", dtype=torch.bfloat16)
+        cov = EditCovariance(c0.float(), lam=5.0, rel_eps=1e-6, device=keys.device)
+        problem = build_problem(cov, hp, residual, keys)
+        update = memit_update(problem)
+        assert cov.matrix.device.type == "cuda" and cov.matrix.dtype == torch.float64
+        assert update.a.device.type == update.b.device.type == "cuda" and update.b.dtype == torch.float64
+        one = {"device": "cuda", "dtype": torch.bfloat16}
+        one_key, one_residual, bare = torch.empty(1, 9, **one), torch.empty(1, 6, **one), torch.empty(1, 9, **one)
+        rome = rome_update(build_problem(cov, hp, one_residual, one_key, bare_keys=bare))
+        assert rome.b.device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit", "rome"])
+def test_edit_in_bfloat16_with_float32_statistics(tok, method):
+    """A half-precision model with statistics in another dtype: the edit runs and moves the target."""
+    model = peaked(tiny_model("llama"))
+    hp = hp_for(method)
+    stats = {layer: c.float() for layer, c in key_stats(model, tok, hp.layers).items()}
+    model = model.to(torch.bfloat16)
+    before = [target_nll(model, tok, r, r.target_new) for r in REQUESTS]
+    result = apply_edit(model, tok, REQUESTS, method=method, hparams=hp, stats=stats)
+    after = [target_nll(model, tok, r, r.target_new) for r in REQUESTS]
+    assert sum(after) < sum(before) - 0.3, (before, after)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in result.deltas.values())
+
+
+def test_emmet_with_a_rank_deficient_c0_meets_its_constraints(tok):
+    """d_m < 1: fewer keys than d_k make C0 singular; the relative ε keeps EMMET's solve exact and finite."""
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("emmet", mom2_update_weight=100.0)
+    spec = arch_for(model)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(40, 10, generator=g, dtype=torch.float64)
+    stats = {layer: low @ low.T / 10 for layer in hp.layers}  # rank 10 of 40
+    result = apply_edit(model, tok, REQUESTS, method="emmet", hparams=hp, stats=stats)
+    for layer in hp.layers:
+        assert result.info["layers"][str(layer)]["constraint_residual"] < 1e-4
+        assert torch.isfinite(mlp_out_matrix(model, spec, layer)).all()
+
+
+def test_alphaedit_edits_and_keeps_earlier_batches(tok):
+    """AlphaEdit through the engine: the edit is non-zero and the second batch's update leaves the first batch's
+    keys alone (‖ΔW₂ K₁‖ ≤ 1e-3 ‖W K₁‖)."""
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("alphaedit", nullspace_threshold=0.5, alphaedit_l2=1e-4)
+    spec = arch_for(model)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(40, 20, generator=g, dtype=torch.float64)
+    stats = {layer: low @ low.T / 20 for layer in hp.layers}  # generic keys span 20 of 40 dimensions
+    first = apply_edit(model, tok, REQUESTS[:1], method="alphaedit", hparams=hp, stats=stats)
+    assert all(float((a @ b.T).norm()) > 0 for a, b in first.deltas.values())
+    weights = {layer: mlp_out_matrix(model, spec, layer).detach().clone() for layer in hp.layers}
+    second = apply_edit(model, tok, REQUESTS[1:], method="alphaedit", hparams=hp, stats=stats, previous_keys=first.keys)
+    for layer, (a, b) in second.deltas.items():
+        k_prev = first.keys[layer].T.float()  # (d_k, 1)
+        assert float((a @ b.T).norm()) > 0
+        assert (a @ (b.T @ k_prev)).norm() <= 1e-3 * (weights[layer] @ k_prev).norm()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import COUNTERFACT, WIKITEXT
 
-from fastedit.arch import arch_for, mlp_out_param
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.arch import arch_for, restored_after
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import load_hparams
 from fastedit.editing.requests import EditRequest
 
@@ -42,8 +42,7 @@ def test_edit_makes_the_new_target_win(smollm2, method, n):
     stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(WIKITEXT), progress=False)
     requests = _requests(n)
     spec = arch_for(model)
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in hp.layers}
-    try:
+    with restored_after(model, spec, hp.layers):
         before = [_nll(model, tok, r.rewrite_prompt(), r.target_new) for r in requests]
         apply_edit(model, tok, requests, method=method, hparams=hp, stats={k: v.mean for k, v in stats.items()})
         for req, nll_before in zip(requests, before, strict=True):
@@ -52,8 +51,6 @@ def test_edit_makes_the_new_target_win(smollm2, method, n):
                 _nll(model, tok, req.rewrite_prompt(), req.target_true),
             )
             assert new < true and new < nll_before, (req.case_id, new, true, nll_before)
-    finally:
-        restore_weights(model, snapshot)
 
 
 @torch.no_grad()
@@ -74,8 +71,7 @@ def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3):
     requests = _requests(2)
     unrelated = "The chemical symbol of gold is"
     spec = arch_for(model)
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in hp.layers}
-    try:
+    with restored_after(model, spec, hp.layers):
         before = _next_token_logprobs(model, tok, unrelated)
         result = apply_edit(model, tok, requests, method="memit", hparams=hp, stats=covs)
         assert all(d["realised"] > 0.6 for d in result.info["layers"].values()), result.info["layers"]
@@ -86,8 +82,6 @@ def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3):
         after = _next_token_logprobs(model, tok, unrelated)
         kl = float((before.exp() * (before - after)).sum())
         assert kl < 0.05, kl
-    finally:
-        restore_weights(model, snapshot)
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])

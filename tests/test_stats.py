@@ -120,21 +120,22 @@ def test_edited_mlp_out_keeps_the_cache_valid(tmp_path):
     ensure_stats(model, tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", **SMALL)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.add_(1.0)
-    cov = load_covariance(model, 0, dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", seq_len=32)
-    assert cov.shape == (40, 40)
+    stats = load_covariance(model, 0, dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", seq_len=32)
+    assert stats.mean.shape == (40, 40)
 
 
-def test_load_covariance_is_lambda_c0_plus_eps_and_needs_cache_or_tokenizer(tmp_path):
+def test_load_covariance_is_raw_c0_and_needs_cache_or_tokenizer(tmp_path):
+    """Raw statistics: the editors apply λ and ε once; KeyStats.covariance shows C = λ·C0 + εI (ε relative)."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
     kw = {"dm": 3, "corpus": str(WIKITEXT), "out": tmp_path, "model_name": "m", "seq_len": 32}
     with pytest.raises(StatsCacheError, match="fastedit precompute"):
         load_covariance(model, 2, **kw)
-    cov = load_covariance(model, 2, tokenizer=tok, lam=100.0, eps=0.5, **kw)
+    stats = load_covariance(model, 2, tokenizer=tok, **kw)
     c0 = ensure_stats(model, tok, [2], **kw)[2].mean
-    assert torch.allclose(cov, 100.0 * c0 + 0.5 * torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
-    default = load_covariance(model, 2, lam=2.0, **kw)
+    assert torch.equal(stats.mean, c0)
     eps = 1e-6 * 2.0 * float(c0.diagonal().mean())
-    assert torch.allclose(default, 2.0 * c0 + eps * torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
+    expected = 2.0 * c0 + eps * torch.eye(40, dtype=torch.float64)
+    assert torch.allclose(stats.covariance(2.0), expected, rtol=0, atol=1e-12)
 
 
 def test_keystats_condition_number():

@@ -38,7 +38,7 @@ def test_precompute_cli_writes_then_hits_the_cache(tiny_folder, tmp_path):
     assert len(files) == 2 and all(read_stats(f).count == 80 for f in files)
     lines = [line for line in first.stdout.splitlines() if line.startswith("layer")]
     assert len(lines) == 2 and all(
-        "computed" in line and "cond(C0) " in line and "cond(C0+0.01I)" in line for line in lines
+        "computed" in line and "cond(C0) " in line and "cond(C0+0.01·tr/d·I)" in line for line in lines
     )
     second = _run(*args)
     assert second.exit_code == 0 and second.stdout.count("cache hit") == 2

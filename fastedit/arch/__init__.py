@@ -12,7 +12,15 @@ from fastedit.arch.hooks import (
 )
 from fastedit.arch.registry import arch_for, get_arch, known_model_types, register_arch
 from fastedit.arch.spec import ArchSpec
-from fastedit.arch.weights import add_to_mlp_out, mlp_out_matrix, mlp_out_param
+from fastedit.arch.weights import (
+    add_to_mlp_out,
+    mlp_out_matrix,
+    mlp_out_param,
+    restore_mlp_out,
+    restored_after,
+    restored_on_error,
+    snapshot_mlp_out,
+)
 
 __all__ = [
     "ArchSpec",
@@ -30,5 +38,9 @@ __all__ = [
     "mlp_out_matrix",
     "mlp_out_param",
     "register_arch",
+    "restore_mlp_out",
+    "restored_after",
+    "restored_on_error",
+    "snapshot_mlp_out",
     "stop_after",
 ]

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from fastedit.arch import restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
-from fastedit.editing.patch import Patch, apply_factors, make_patch, restore_weights, snapshot_weights
+from fastedit.editing.patch import Patch, apply_factors, make_patch
 from fastedit.editing.requests import EditRequest, as_requests
 from fastedit.errors import ConfigError
 from fastedit.evaluation.metrics import Metrics, evaluate_requests
@@ -148,7 +149,10 @@ def edit(
         pre = evaluate_requests(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
         timings["eval_pre"] = time.perf_counter() - t
 
-    originals = snapshot_weights(model, layers)
+    from fastedit.editing.engine import prepare_covariances
+
+    covs = prepare_covariances(model, covs, hp)  # on the weights' devices once; AlphaEdit's projector kept
+    originals = snapshot_mlp_out(model, arch_for(model), layers)
     batches = _batches(reqs, batch_size)
     factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     previous: dict[int, torch.Tensor] = {}
@@ -176,10 +180,10 @@ def edit(
         combined = {
             l: (torch.cat([a for a, _ in fs], 1), torch.cat([b for _, b in fs], 1)) for l, fs in factors.items()
         }
-        restore_weights(model, originals)
+        restore_mlp_out(model, arch_for(model), originals)
         apply_factors(model, combined)
     except BaseException:
-        restore_weights(model, originals)
+        restore_mlp_out(model, arch_for(model), originals)
         raise
     timings["edit"] = time.perf_counter() - t
 

@@ -46,7 +46,7 @@ class EditHparams:
     layers: tuple[int, ...]
     clamp_norm_factor: float
     v_weight_decay: float
-    mom2_update_weight: float = 15000.0  # λ: the editors use λ·C0 (+ ridge·I)
+    mom2_update_weight: float = 15000.0  # λ: the editors use C = λ·C0 + εI
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
     kl_factor: float = 0.0625
@@ -59,9 +59,9 @@ class EditHparams:
     context_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # tokens per generated prefix (seed included)
     context_seed: int = 0  # RNG seed of the prefix generation
-    ridge: float = 0.0  # ε added to λ·C0 (absolute)
-    emmet_mu: float = 0.1  # EMMET: μ of (K_Eᵀ C⁻¹ K_E + μI), used for batches of > 1 request
-    nullspace_threshold: float = 2e-2  # AlphaEdit: eigenvalues of C0 below this span the null space
+    rel_eps: float = 1e-6  # ε of C = λ·C0 + εI, relative to λ·C0's mean eigenvalue (keeps a small-d_m C0 invertible)
+    emmet_mu: float = 0.0  # EMMET: 0 = the exact equality-constrained solve; μ > 0 equals MEMIT at λ·μ
+    nullspace_threshold: float = 1e-3  # AlphaEdit: eigenvalues of C0 below this × the largest span the null space
     alphaedit_l2: float = 10.0  # AlphaEdit: α of (...)+αI
     # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
     # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
@@ -86,8 +86,15 @@ class EditHparams:
             raise ConfigError(f"hparams: ROME edits one layer, got layers {list(self.layers)}")
         if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
             raise ConfigError("hparams: v_num_grad_steps, v_lr and clamp_norm_factor must be positive")
-        if self.mom2_update_weight <= 0 and self.ridge <= 0:
+        if not self.mom2_update_weight > 0:
             raise ConfigError("hparams: mom2_update_weight (λ) must be positive")
+        if not self.rel_eps >= 0 or not self.emmet_mu >= 0 or not self.alphaedit_l2 >= 0:
+            raise ConfigError("hparams: rel_eps, emmet_mu and alphaedit_l2 must be non-negative")
+        if not 0 < self.nullspace_threshold < 1:
+            raise ConfigError(
+                f"hparams: nullspace_threshold {self.nullspace_threshold} is relative to C0's largest eigenvalue; "
+                "give a value in (0, 1), e.g. 1e-3"
+            )
 
     def replace(self, **changes: Any) -> EditHparams:
         return dataclasses.replace(self, **changes)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from fastedit.editing.problem import LayerProblem, LayerUpdate
+from fastedit.errors import FasteditError
 
-def rome_update(
-    residual: torch.Tensor, key_star: torch.Tensor, key_bare: torch.Tensor, cov: torch.Tensor, lam: float, ridge: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors (A (d_model, 1), B (d_k, 1)) with ΔW = A Bᵀ, float64.
 
-    residual: v* − W k (d_model,); key_star, key_bare: (d_k,); cov: C0 (d_k, d_k).
-    """
-    c = lam * cov.double() + ridge * torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
-    u = torch.linalg.solve(c, key_star.double()[:, None])  # C⁻¹ k*, (d_k, 1)
-    denom = key_bare.double() @ u[:, 0]
-    return residual.double()[:, None], u / denom
+def rome_update(problem: LayerProblem) -> LayerUpdate:
+    """Factors (A = v* − W k (d_model, 1), B = C⁻¹k* / (kᵀC⁻¹k*) (d_k, 1))."""
+    if problem.keys.shape[1] != 1 or problem.bare_keys is None:
+        raise FasteditError("ROME edits one request at a time with its bare-prompt key")
+    u = torch.linalg.solve(problem.cov.matrix, problem.keys)  # C⁻¹ k*, (d_k, 1)
+    denom = (problem.bare_keys * u).sum(0)  # kᵀ C⁻¹ k*, (1,)
+    return LayerUpdate(problem.residual, u / denom)

@@ -131,12 +131,19 @@ def _build_rows(tokenizer: Any, requests: Sequence[EditRequest], contexts: Seque
 
 @dataclass
 class ValueResult:
-    """Per request: h (the site's current value at the bare prompt) and z = h + δ, both (B, d_model) for one
-    site, (B, S, d_model) for a tuple of S sites."""
+    """Per request: h (the site's value at the bare prompt before any δ) and the target z, both (B, d_model)
+    for one site, (B, S, d_model) for a tuple of S sites. With one site z = h + δ. With several, z_i is site i's
+    value in the final optimised forward (every δ applied): m_i(δ_<i) + δ_i, the shift that δ_<i causes upstream
+    included, which is what that forward's loss was measured at.
+
+    ``key`` (`values_key`) and ``contexts`` say what the targets were made with, so they can be reused safely."""
 
     init: torch.Tensor
     targets: torch.Tensor
     info: list[dict[str, Any]]
+    contexts: list[str] = field(default_factory=list)
+    key: str = ""
+    delta: torch.Tensor | None = None  # δ, shaped like init
 
 
 def compute_values(
@@ -170,9 +177,132 @@ def compute_values(
             )
             bar.update(len(g))
     init, targets = torch.cat([p.init for p in parts]), torch.cat([p.targets for p in parts])
+    delta = torch.cat([p.delta for p in parts])
     if isinstance(site, str):
-        init, targets = init[:, 0], targets[:, 0]
-    return ValueResult(init=init, targets=targets, info=[item for p in parts for item in p.info])
+        init, targets, delta = init[:, 0], targets[:, 0], delta[:, 0]
+    return ValueResult(init=init, targets=targets, info=[item for p in parts for item in p.info], delta=delta)
+
+
+class _Reads:
+    """The forward a v* step runs: δ_owner added at every row's subject token at each site, logits read only at
+    the target tokens (m reads) and at each request's KL prompt (B reads)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        spec: ArchSpec,
+        rows: _Rows,
+        sites: Sequence[str],
+        layer: int,
+        fast: bool,
+    ) -> None:
+        self.model, self.sites = model, list(sites)
+        device = model_device(model)
+        t = lambda values: torch.as_tensor(values, device=device)  # noqa: E731
+        self.owner = t(rows.owner)
+        self.rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
+        self.pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])  # token indices in each row
+        self.bare = t(rows.bare_row)
+        self.replay = LayerReplay(model, spec, layer) if fast else None
+        # One no-grad forward: h at each site (bare prompts), and (fast modes) the input of the layers to replay.
+        with capture(model, self.sites) as rec:
+            if self.replay is not None:
+                # Rows aligned at the subject's last token: the tokens before it never see δ (causal attention),
+                # so they are run once into the key/value cache; every step runs columns from the subject token
+                # on, where the subject token is column 0 and a read at token index p is column p - sub_pos[row].
+                batch = anchor_pad(rows.ids, rows.sub_pos, pad_token_id(tokenizer), device)
+                self.replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
+                self.pos = self.pos - t(rows.sub_pos)[self.rows]
+                self.sub_pos = torch.zeros_like(self.owner)
+            else:
+                self.ids, self.mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
+                self.sub_pos = t(rows.sub_pos)
+                with torch.no_grad():
+                    model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+        self.h = self.at_bare(rec)  # (B, S, d)
+        self._check_sites_fire(layer)
+
+    def at_bare(self, rec: dict[str, Any]) -> torch.Tensor:
+        """Each site's captured output at the bare prompts' subject token: (B, S, d), float32."""
+        rows, pos = self.bare, self.sub_pos[self.bare]
+        return torch.stack([rec[name].output[rows, pos].float() for name in self.sites], dim=1)
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """Logits (m + B, vocab) at the target reads then the KL reads; delta (B, S, d)."""
+        with contextlib.ExitStack() as stack:
+            for j, name in enumerate(self.sites):
+                stack.enter_context(add_at_positions(self.model, name, delta[self.owner, j], self.sub_pos))
+            if self.replay is not None:
+                return self.replay.logits_at(self.rows, self.pos).float()
+            out = self.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
+            return out.logits[self.rows, self.pos].float()
+
+    @torch.no_grad()
+    def site_values(self, delta: torch.Tensor) -> torch.Tensor:
+        """(B, S, d): each site's value in the forward with every δ applied, m_i(δ_<i) + δ_i. The capture
+        hooks are registered before the δ hooks, so they record m_i(δ_<i); δ_i is added here."""
+        with capture(self.model, self.sites) as rec:
+            self.logits(delta)
+        return self.at_bare(rec) + delta
+
+    def _check_sites_fire(self, layer: int) -> None:
+        fired = dict.fromkeys(self.sites, 0)
+        counters = [
+            self.model.get_submodule(name).register_forward_hook(lambda *_, name=name: fired.__setitem__(name, 1))
+            for name in self.sites
+        ]
+        try:
+            with torch.no_grad():
+                self.kl_before_logits = self.logits(torch.zeros_like(self.h))
+        finally:
+            for handle in counters:
+                handle.remove()
+        if not all(fired.values()):
+            missing = [name for name, n in fired.items() if not n]
+            raise ValueError(f"v* sites {missing} lie below the replay start layer {layer}; pass the lowest site layer")
+
+
+class _Stopping:
+    """When a request is done: total loss below ``v_loss_threshold`` (the reference rule), and in the fast modes
+    also target NLL below ``v_nll_stop`` or an NLL that improved by < 1 % over ``v_nll_patience`` steps."""
+
+    def __init__(self, hp: EditHparams, fast: bool) -> None:
+        self.hp, self.fast = hp, fast
+        self.history: list[torch.Tensor] = []
+
+    def done(self, loss: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
+        done = loss < self.hp.v_loss_threshold
+        if self.fast:
+            self.history.append(nll)
+            done |= nll < self.hp.v_nll_stop
+            k = self.hp.v_nll_patience
+            if len(self.history) > k:
+                done |= nll > 0.99 * self.history[-1 - k]
+        return done
+
+
+def _losses(
+    logits: torch.Tensor,
+    rows: _Rows,
+    reads: _Reads,
+    kl_before: torch.Tensor,
+    delta: torch.Tensor,
+    h_norm: torch.Tensor,
+    hp: EditHparams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), target NLL (B,)) of every request: NLL + kl_factor·KL(now ‖ before) + wd·Σ_sites ‖δ‖/‖h‖²."""
+    m = len(rows.read_row)
+    device = logits.device
+    logp = torch.log_softmax(logits, -1)
+    labels = torch.as_tensor(rows.read_label, device=device)
+    weights = torch.as_tensor(rows.read_weight, device=device, dtype=logp.dtype)
+    token_lp = logp[:m].gather(1, labels[:, None]).squeeze(1)  # (m,)
+    owner = torch.as_tensor(rows.read_owner, device=device)
+    nll = torch.zeros(delta.shape[0], device=device).index_add(0, owner, -token_lp * weights)  # (B,)
+    kl = (logp[m:].exp() * (logp[m:] - kl_before)).sum(-1)  # (B,)
+    decay = hp.v_weight_decay * (delta.norm(dim=2) / h_norm**2).sum(dim=1)
+    return nll + hp.kl_factor * kl + decay, nll
 
 
 def _optimise(
@@ -187,77 +317,23 @@ def _optimise(
     *,
     fast: bool,
 ) -> ValueResult:
-    """δ (B, S, d) for B requests at S sites; returns init/targets (B, S, d)."""
+    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d)."""
     t0 = time.perf_counter()
-    device = model_device(model)
     rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
-    n_req = len(requests)
-    t = lambda values: torch.as_tensor(values, device=device)  # noqa: E731
-    owner = t(rows.owner)
-    read_rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
-    read_pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])  # token indices in each row
-    labels, weights, read_owner = t(rows.read_label), t(rows.read_weight).float(), t(rows.read_owner)
-    m = len(rows.read_row)
-
-    # One no-grad forward: h at each site (bare prompts), and (fast modes) the input of the layers to replay.
-    replay = LayerReplay(model, spec, layer) if fast else None
-    with capture(model, list(sites)) as rec:
-        if replay is not None:
-            # Rows aligned at the subject's last token: the tokens before it never see δ (causal attention), so
-            # they are run once into the key/value cache; every step runs columns from the subject token on,
-            # where the subject token is column 0 and a read at token index p is column p - sub_pos[row].
-            batch = anchor_pad(rows.ids, rows.sub_pos, pad_token_id(tokenizer), device)
-            replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
-            read_pos = read_pos - t(rows.sub_pos)[read_rows]
-            sub_pos = torch.zeros_like(owner)
-        else:
-            ids, mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
-            sub_pos = t(rows.sub_pos)
-            with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-    bare = t(rows.bare_row)
-    h = torch.stack([rec[name].output[bare, sub_pos[bare]].float() for name in sites], dim=1)  # (B, S, d)
-
-    def read_logits(delta: torch.Tensor) -> torch.Tensor:
-        """Logits (m + B, vocab) at the target reads then the KL reads, with δ_owner added at each row/site."""
-        with contextlib.ExitStack() as stack:
-            for j, name in enumerate(sites):
-                stack.enter_context(add_at_positions(model, name, delta[owner, j], sub_pos))
-            if replay is not None:
-                return replay.logits_at(read_rows, read_pos).float()
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[read_rows, read_pos].float()
-
-    fired = dict.fromkeys(sites, 0)
-    counters = [
-        model.get_submodule(name).register_forward_hook(lambda *_, name=name: fired.__setitem__(name, 1))
-        for name in sites
-    ]
-    try:
-        with torch.no_grad():
-            kl_before = torch.log_softmax(read_logits(torch.zeros_like(h))[m:], -1)  # (B, V)
-    finally:
-        for handle in counters:
-            handle.remove()
-    if not all(fired.values()):
-        missing = [name for name, n in fired.items() if not n]
-        raise ValueError(f"v* sites {missing} lie below the replay start layer {layer}; pass the lowest site layer")
-
+    reads = _Reads(model, tokenizer, spec, rows, sites, layer, fast)
+    h, n_req = reads.h, len(requests)
+    kl_before = torch.log_softmax(reads.kl_before_logits[len(rows.read_row) :], -1)  # (B, V)
     h_norm = h.norm(dim=2)  # (B, S)
     scale = (h_norm / h.shape[2] ** 0.5)[..., None] if hp.v_lr_relative else torch.ones_like(h_norm)[..., None]
     u = torch.zeros_like(h, requires_grad=True)  # δ = u · scale: Adam's step is then relative to rms(h)
     opt = torch.optim.Adam([u], lr=hp.v_lr)
-    active = torch.ones(n_req, dtype=torch.bool, device=device)
-    history: list[torch.Tensor] = []
+    active = torch.ones(n_req, dtype=torch.bool, device=h.device)
+    stopping = _Stopping(hp, fast)
     steps = torch.zeros(n_req, dtype=torch.long)
     first_nll = last_nll = last_loss = None
     for it in range(hp.v_num_grad_steps):
         delta = u * scale
-        logp = torch.log_softmax(read_logits(delta), -1)
-        token_lp = logp[:m].gather(1, labels[:, None]).squeeze(1)  # (m,)
-        nll = torch.zeros(n_req, device=device).index_add(0, read_owner, -token_lp * weights)  # (B,)
-        kl = (logp[m:].exp() * (logp[m:] - kl_before)).sum(-1)  # KL(now ‖ before), (B,)
-        decay = hp.v_weight_decay * (delta.norm(dim=2) / h_norm**2).sum(dim=1)
-        loss = nll + hp.kl_factor * kl + decay
+        loss, nll = _losses(reads.logits(delta), rows, reads, kl_before, delta, h_norm, hp)
         bad = ~torch.isfinite(loss)
         if bad.any():
             case = requests[int(bad.nonzero()[0])].case_id
@@ -269,14 +345,7 @@ def _optimise(
         first_nll = nll_d.clone() if first_nll is None else first_nll
         last_nll, last_loss = nll_d.clone(), loss.detach().clone()
         steps[active.cpu()] = it + 1
-        done = loss.detach() < hp.v_loss_threshold
-        if fast:
-            history.append(nll_d)
-            done |= nll_d < hp.v_nll_stop
-            k = hp.v_nll_patience
-            if len(history) > k:
-                done |= nll_d > 0.99 * history[-1 - k]
-        active &= ~done
+        active &= ~stopping.done(loss.detach(), nll_d)
         if not active.any() or it == hp.v_num_grad_steps - 1:
             break
         frozen = u.detach().clone()
@@ -290,6 +359,8 @@ def _optimise(
             u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
 
     delta = (u * scale).detach()
+    # One site: z = h + δ. Several: each site's value in the final forward, upstream shifts included.
+    targets = h.detach() + delta if len(sites) == 1 else reads.site_values(delta)
     elapsed = time.perf_counter() - t0
     info = [
         {
@@ -305,4 +376,4 @@ def _optimise(
     ]
     for item in info:
         log.debug("v* %s", item)
-    return ValueResult(init=h.detach(), targets=h.detach() + delta, info=info)
+    return ValueResult(init=h.detach(), targets=targets, info=info, delta=delta)

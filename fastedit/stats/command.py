@@ -54,7 +54,8 @@ def precompute(
 ) -> PrecomputeReport:
     """Load ``model`` and ensure C0 at ``layers`` (else the hparams file's layers, else the family default).
 
-    With ``eps``, the summary also reports κ(C0 + εI), the conditioning editors get with that ridge.
+    With ``eps`` (relative, like the editors' ``rel_eps``), the summary also reports κ(C0 + ε·mean eig(C0)·I),
+    the conditioning the editors' regularised C has.
     """
     from fastedit.models import load_model
 
@@ -77,6 +78,7 @@ def precompute(
     for layer, stats in run.stats.items():
         line = summary_line(stats, run.info[layer])
         if eps is not None:
-            line += f"  cond(C0+{eps:g}I) {condition_number(stats.mean, eps):.3g}"
+            ridge = eps * float(stats.mean.diagonal().mean())
+            line += f"  cond(C0+{eps:g}·tr/d·I) {condition_number(stats.mean, ridge):.3g}"
         report.lines.append(line)
     return report

@@ -12,8 +12,17 @@ log = logging.getLogger(__name__)
 
 # Default ridge, relative to the mean eigenvalue of λ·C0: ε = DEFAULT_REL_EPS · λ · tr(C0) / d_k.
 # Small enough not to bias a well-conditioned C0 (d_m >= 2), large enough to keep a rank-deficient one
-# (d_m < 1, dead units) invertible in float64. Pass eps=0 for the bare λ·C0.
+# (d_m < 1, dead units) invertible in float64.
 DEFAULT_REL_EPS = 1e-6
+
+
+def regularised(c0: torch.Tensor, lam: float, rel_eps: float = DEFAULT_REL_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, ε): C = λ·C0 + εI with ε = rel_eps · λ · tr(C0)/d_k (a 0-d tensor, on c0's device: no host sync),
+    in c0's dtype and device. The one place the editors' regularisation is written down."""
+    eps = rel_eps * lam * torch.diagonal(c0).mean()
+    cov = c0 * lam
+    cov.diagonal().add_(eps)
+    return cov, eps
 
 
 @dataclass
@@ -29,17 +38,10 @@ class KeyStats:
     def d_k(self) -> int:
         return int(self.mean.shape[0])
 
-    def default_eps(self, lam: float = 1.0) -> float:
-        """ε used when ``covariance(eps=None)``: DEFAULT_REL_EPS · λ · mean eigenvalue of C0."""
-        return DEFAULT_REL_EPS * lam * float(torch.diagonal(self.mean).mean())
-
-    def covariance(self, lam: float = 1.0, eps: float | None = None) -> torch.Tensor:
-        """C = λ·C0 + εI in float64 (d_k, d_k); ``eps=None`` means `default_eps(lam)` (relative, see above)."""
-        ridge = self.default_eps(lam) if eps is None else float(eps)
-        cov = self.mean.to(torch.float64) * lam
-        if ridge:
-            cov.diagonal().add_(ridge)
-        return cov
+    def covariance(self, lam: float = 1.0, rel_eps: float = DEFAULT_REL_EPS) -> torch.Tensor:
+        """C = λ·C0 + εI in float64 (d_k, d_k), ε relative (`regularised`). For inspection: the editors take
+        the raw statistics and apply their hparams' λ and ε themselves."""
+        return regularised(self.mean.to(torch.float64), lam, rel_eps)[0]
 
     def condition_number(self, eps: float = 0.0) -> float:
         """κ(C0 + εI) = λ_max / λ_min from the eigenvalues (float64); inf when C0 is singular."""

@@ -371,24 +371,23 @@ def load_covariance(
     dm: float | str = DEFAULT_DM,
     corpus: str | None = None,
     out: str | Path | None = None,
-    lam: float = 1.0,
-    eps: float | None = None,
     tokenizer: Any = None,
     seed: int = 0,
     seq_len: int = DEFAULT_SEQ_LEN,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     model_name: str | None = None,
-) -> torch.Tensor:
-    """C = λ·C0 + εI (float64, (d_k, d_k)) for ``layer``; ε=None is `KeyStats.default_eps` (1e-6 relative).
+) -> KeyStats:
+    """The raw statistics (C0 = mean k kᵀ, count, provenance) of ``layer``, ready for ``fastedit.edit(stats=...)``.
 
-    Loads the cache written by `ensure_stats` / `fastedit precompute` with the same arguments; computes it first
-    when ``tokenizer`` is given, else a missing cache is a `StatsCacheError` saying which command makes it.
+    Raw on purpose: the editors apply their hparams' λ and relative ε exactly once (`KeyStats.covariance(λ)`
+    shows the regularised matrix). Loads the cache written by `ensure_stats` / `fastedit precompute` with the
+    same arguments; computes it first when ``tokenizer`` is given, else a missing cache is a `StatsCacheError`
+    saying which command makes it.
     """
-    stats = load_stats(
+    return load_stats(
         model, layer, tokenizer=tokenizer, dm=dm, corpus=corpus, out=out, seed=seed, seq_len=seq_len,
         batch_tokens=batch_tokens, model_name=model_name,
     )  # fmt: skip
-    return stats.covariance(lam, eps)
 
 
 def summary_line(stats: KeyStats, info: LayerInfo) -> str:
