@@ -86,10 +86,16 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @click.option("--fluency", is_flag=True, help="Also measure generation fluency (n-gram entropy; slow).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (hub models).")
-def edit_cmd(file: str, model: str | None, **options: Any) -> None:
+@click.option(
+    "--targets-cache", type=click.Path(file_okay=False), help="Folder of cached v* targets (default: fastedit cache)."
+)
+@click.option("--no-targets-cache", is_flag=True, help="Always optimise v*; neither read nor write cached targets.")
+def edit_cmd(file: str, model: str | None, no_targets_cache: bool, **options: Any) -> None:
     """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
     from fastedit.editing.run import EditRunOptions, run_edit
 
+    if no_targets_cache:
+        options["targets_cache"] = ""
     report = run_edit(EditRunOptions(file=file, model=model or DEFAULT_MODEL, **options))
     click.echo(report.table)
 

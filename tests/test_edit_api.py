@@ -182,3 +182,26 @@ def test_cli_reports_bad_requests_in_one_line_error(tmp_path):
     result = CliRunner().invoke(cli, ["edit", str(bad), "--model", "no-such-model"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "record 0: subject 'France' not found" in result.output and "record 2: target_new 'Egypt'" in result.output
+
+
+def test_targets_cache_is_shared_by_methods_and_keyed_by_the_weights(stats, tmp_path):
+    """A second method on the same model and requests reuses the v* targets; the same edit without the cache
+    gives the same deltas; other weights (an earlier edit) miss the cache."""
+    tok = tiny_tokenizer()
+    hp = EditHparams(**HP)
+    first_model = tiny_model("llama")
+    first = fastedit.edit(first_model, tok, REQUESTS, hparams=hp, stats=stats, evaluate=False, targets_cache=tmp_path)
+    assert first.info["batches"][0]["targets_from_cache"] is False
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    emmet = fastedit.edit(
+        tiny_model("llama"), tok, REQUESTS, method="emmet", hparams=hp.replace(method="emmet"), stats=stats,
+        evaluate=False, targets_cache=tmp_path,
+    )  # fmt: skip
+    assert emmet.info["batches"][0]["targets_from_cache"] is True
+    plain = fastedit.edit(tiny_model("llama"), tok, REQUESTS, hparams=hp, stats=stats, evaluate=False)
+    for layer in hp.layers:
+        assert torch.allclose(first.patch.delta(layer), plain.patch.delta(layer), atol=1e-6)
+    # first_model is now edited: its targets for the same requests are a new computation.
+    again = fastedit.edit(first_model, tok, REQUESTS, hparams=hp, stats=stats, evaluate=False, targets_cache=tmp_path)
+    assert again.info["batches"][0]["targets_from_cache"] is False
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2

@@ -112,6 +112,7 @@ def edit(
     fluency: bool = False,
     seed: int = 0,
     model_name: str | None = None,
+    targets_cache: str | Path | None = None,
 ) -> EditOutcome:
     """Edit ``model`` in place for ``requests`` and return the patch and the metrics before and after.
 
@@ -119,8 +120,10 @@ def edit(
     loaded hparams. stats: None (cached or computed with ``dm``/``corpus`` via `fastedit.stats.ensure_stats`),
     or layer -> C0 tensor / `KeyStats`. batch_size: requests per closed-form solve (None: all at once); later
     batches see the model edited by earlier ones, and AlphaEdit projects each batch away from earlier keys.
-    The model ends in exactly the state `apply_patch(original model, outcome.patch)` gives; if anything fails,
-    every weight is restored bit-exactly before the error propagates.
+    targets_cache: a folder where the v* targets of each batch are kept and looked up
+    (`fastedit.editing.targets_cache`), so another method or λ on the same model and requests skips the
+    optimisation. The model ends in exactly the state `apply_patch(original model, outcome.patch)` gives; if
+    anything fails, every weight is restored bit-exactly before the error propagates.
     """
     from fastedit.arch import arch_for
     from fastedit.editing.engine import apply_edit
@@ -150,6 +153,7 @@ def edit(
         timings["eval_pre"] = time.perf_counter() - t
 
     from fastedit.editing.engine import prepare_covariances
+    from fastedit.editing.targets_cache import cached_targets
 
     covs = prepare_covariances(model, covs, hp)  # on the weights' devices once; AlphaEdit's projector kept
     originals = snapshot_mlp_out(model, arch_for(model), layers)
@@ -161,6 +165,9 @@ def edit(
     try:
         for i, batch in enumerate(batches):
             log.info("editing batch %d/%d (%d requests, %s)", i + 1, len(batches), len(batch), method)
+            values, targets_hit = None, None
+            if targets_cache is not None and method != "rome":
+                values, targets_hit = cached_targets(model, tokenizer, batch, hp, targets_cache)
             result = apply_edit(
                 model,
                 tokenizer,
@@ -169,7 +176,9 @@ def edit(
                 hparams=hp,
                 stats=covs,
                 previous_keys=previous if method == "alphaedit" and previous else None,
+                values=values,
             )
+            result.info["targets_from_cache"] = targets_hit
             for layer, ab in result.deltas.items():
                 factors.setdefault(layer, []).append(ab)
             if method == "alphaedit":  # K_p: every earlier batch's keys, so later updates leave them alone

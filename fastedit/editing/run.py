@@ -50,6 +50,7 @@ class EditRunOptions:
     fluency: bool = False  # also measure generation n-gram entropy (slow)
     eval_batch_size: int = 16
     trust_remote_code: bool = False
+    targets_cache: str | None = None  # v* targets cache folder (default: the fastedit cache); "" disables it
 
 
 @dataclass
@@ -161,6 +162,18 @@ def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _targets_folder(options: EditRunOptions) -> Path | None:
+    """Where v* targets are cached: --targets-cache, else <fastedit cache>/targets/<model>; None when disabled."""
+    if options.targets_cache == "":
+        return None
+    if options.targets_cache:
+        return Path(options.targets_cache)
+    from fastedit.models import cache_dir
+    from fastedit.stats.cache import model_slug
+
+    return cache_dir() / "targets" / model_slug(options.model)
+
+
 def run_edit(options: EditRunOptions) -> EditRunReport:
     """Load, edit, evaluate before/after and write the run folder; returns the metrics and a printable table."""
     from fastedit.editing.api import edit
@@ -197,6 +210,7 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         fluency=options.fluency,
         seed=options.seed,
         model_name=options.model,
+        targets_cache=_targets_folder(options),
     )
     assert outcome.pre is not None and outcome.post is not None
     timings = {"load_model": load_seconds, **outcome.info["timings"]}

@@ -1,0 +1,130 @@
+"""A disk cache of v* targets, so a second editor (or a λ sweep, or a rerun) on the same model and requests
+skips the optimisation, which is nearly the whole cost of an edit.
+
+The key hashes everything the targets depend on: the v* settings and edit site (`values_key`), the requests,
+the model's config and a fingerprint of its weights (every parameter sampled on a fixed stride, plus the edited
+layers' ``mlp_out`` weights in full, so a model edited by an earlier batch gets new targets). A file holds the
+init/targets/δ tensors and the per-request info; it is written atomically and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fastedit.arch import arch_for, mlp_out_param
+from fastedit.editing.hparams import EditHparams
+from fastedit.editing.requests import EditRequest
+from fastedit.editing.values import ValueResult, values_key
+
+log = logging.getLogger(__name__)
+
+SAMPLED_ELEMENTS = 4096  # per parameter: enough to tell checkpoints apart, cheap for a 7B model
+FORMAT = "fastedit-targets/1"
+
+
+def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    data = tensor.detach().to("cpu").contiguous()
+    digest.update(str((tuple(data.shape), str(data.dtype))).encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module, layers: Sequence[int]) -> str:
+    """sha256 over the config, every parameter sampled on a stride, and the edited layers' mlp_out in full."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, param in model.named_parameters():
+        flat = param.reshape(-1)
+        step = max(1, flat.numel() // SAMPLED_ELEMENTS)
+        digest.update(name.encode())
+        _hash_tensor(digest, flat[::step])
+    spec = arch_for(model)
+    for layer in layers:
+        _hash_tensor(digest, mlp_out_param(model, spec, layer))
+    return digest.hexdigest()
+
+
+def targets_key(model: torch.nn.Module, requests: Sequence[EditRequest], hp: EditHparams) -> str:
+    """What the v* targets of ``requests`` under ``hp`` depend on, hashed."""
+    record = {
+        "format": FORMAT,
+        "values": values_key(arch_for(model), hp),
+        "requests": [[r.case_id, r.prompt, r.subject, r.target_new] for r in requests],
+        "weights": weights_fingerprint(model, hp.layers),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load_targets(folder: str | Path, key: str, n_requests: int) -> ValueResult | None:
+    """The cached targets for ``key``, or None (missing, or unreadable: then it is recomputed and replaced)."""
+    path = Path(folder) / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(path)
+        with open(path.with_suffix(".json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        result = ValueResult(
+            init=tensors["init"], targets=tensors["targets"], info=meta["info"], contexts=meta["contexts"],
+            key=meta["values_key"], delta=tensors["delta"],
+        )  # fmt: skip
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        log.warning("v* cache %s is unreadable (%s); recomputing", path, exc)
+        return None
+    if len(result.info) != n_requests or not torch.isfinite(result.targets).all():
+        log.warning("v* cache %s does not match the requests; recomputing", path)
+        return None
+    return result
+
+
+def save_targets(folder: str | Path, key: str, values: ValueResult) -> Path:
+    """Write the targets (tensors, then the JSON that makes them loadable), each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.safetensors"
+    tensors = {"init": values.init, "targets": values.targets}
+    tensors["delta"] = values.delta if values.delta is not None else values.targets - values.init
+    meta = {"info": values.info, "contexts": values.contexts, "values_key": values.key}
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh)
+    os.replace(tmp, path.with_suffix(".json"))
+    return path
+
+
+def cached_targets(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    requests: Sequence[EditRequest],
+    hp: EditHparams,
+    folder: str | Path,
+) -> tuple[ValueResult, bool]:
+    """(targets, hit): from ``folder`` when this exact computation was cached, else computed and cached."""
+    from fastedit.editing.engine import compute_targets
+
+    key = targets_key(model, requests, hp)
+    hit = load_targets(folder, key, len(requests))
+    if hit is not None:
+        log.info("v* targets of %d requests from the cache (%s)", len(requests), key)
+        device = next(model.parameters()).device
+        hit.init, hit.targets = hit.init.to(device), hit.targets.to(device)
+        hit.delta = hit.delta.to(device) if hit.delta is not None else None
+        return hit, True
+    values = compute_targets(model, tokenizer, requests, method=hp.method, hparams=hp)
+    save_targets(folder, key, values)
+    return values, False
