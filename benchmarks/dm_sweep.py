@@ -35,10 +35,10 @@ from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import EditHparams, load_hparams
-from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
 from fastedit.errors import FasteditError
 from fastedit.models import load_model
+from fastedit.requests import load_requests
 from fastedit.stats import condition_number, ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastedit.editing.requests import EditRequest
+from fastedit.requests import EditRequest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

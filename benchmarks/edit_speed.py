@@ -6,7 +6,7 @@ site, logits only where the loss reads, stop at converged NLL; "batched": fast o
 mode starts from the unedited model; the context prefixes are generated once beforehand so no mode pays for them.
 Reported per mode: wall seconds per request (v* and the whole edit = v* + keys + closed-form solves), the speed
 ratio against "reference", ES/PS/NS/Score (`fastedit.evaluate`), and how far each mode's v* targets are from the
-reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target (issue 4): ≥ 3× faster, metrics within ±2 points.
+reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target: ≥ 3× faster, metrics within ±2 points.
 
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m              # 100 edits, reference vs fast
     .venv/bin/python benchmarks/edit_speed.py --model gemma3-270m --modes fast,batched
@@ -31,9 +31,9 @@ from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import V_MODES, load_hparams
-from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
+from fastedit.requests import load_requests
 from fastedit.stats import ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")

@@ -1,4 +1,4 @@
-"""Issue 5's study: treatments of Gemma's post-MLP norm, each scored on the same CounterFact cases.
+"""The Gemma post-norm study: treatments of Gemma's post-MLP norm, each scored on the same CounterFact cases.
 
 A treatment is a named set of hparams overrides on top of the model's MEMIT/EMMET hparams file (layers, λ,
 clamp, v* step, ``post_norm``: "project" / "ignore" / "output_site"). v* targets are optimised once per
@@ -28,9 +28,9 @@ from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import EditHparams, load_hparams
-from fastedit.editing.requests import load_requests
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
 from fastedit.models import load_model
+from fastedit.requests import load_requests
 from fastedit.stats import ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")

@@ -3,9 +3,9 @@
 from fastedit.arch import ArchSpec, arch_for, capture, get_arch, register_arch
 from fastedit.editing.api import EditOutcome, edit, evaluate
 from fastedit.editing.patch import Patch, apply_patch, revert_patch
-from fastedit.editing.requests import EditRequest, load_requests
 from fastedit.errors import FasteditError
 from fastedit.models import load_model
+from fastedit.requests import EditRequest, load_requests
 
 __version__ = "0.1.0"
 

@@ -116,7 +116,7 @@ HUB_ALIASES: dict[str, str] = {
     "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M",
 }
 
-DEFAULT_MODEL = "gemma3-270m"  # Gemma edits are tuned (issue 5); smollm2-135m is the small alternative
+DEFAULT_MODEL = "gemma3-270m"  # Gemma 3 edits are tuned; smollm2-135m is the small alternative
 
 
 def known_aliases() -> list[str]:

@@ -21,11 +21,11 @@ from fastedit.editing.hparams import EditHparams, hparams_path, load_hparams
 from fastedit.editing.memit import memit_update
 from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
-from fastedit.editing.requests import EditRequest
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
 from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, values_key
 from fastedit.errors import ConfigError
+from fastedit.requests import EditRequest
 
 # Subjects end right before the prediction, so a 3-layer random model can carry the edit to the output.
 REQUESTS = [

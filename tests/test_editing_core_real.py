@@ -11,7 +11,7 @@ from conftest import COUNTERFACT, WIKITEXT
 from fastedit.arch import arch_for, restored_after
 from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import load_hparams
-from fastedit.editing.requests import EditRequest
+from fastedit.requests import EditRequest
 
 pytestmark = pytest.mark.real
 

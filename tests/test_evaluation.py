@@ -10,9 +10,9 @@ from tiny_models import tiny_model, tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
-from fastedit.editing.requests import EditRequest
 from fastedit.evaluation import encode_pair, evaluate_requests, harmonic_mean, ngram_entropy, score_pairs
 from fastedit.evaluation.fluency import generate
+from fastedit.requests import EditRequest
 
 PAIRS = [
     ("The capital of Italy is", "Rome"),
@@ -135,7 +135,7 @@ def test_unedited_smollm2_counterfact_metrics(smollm2):
     """The unedited model on the first 30 flat CounterFact cases: NS ~67 (issue 4 reports 67), ES low."""
     from conftest import COUNTERFACT
 
-    from fastedit.editing.requests import load_requests
+    from fastedit.requests import load_requests
 
     model, tok = smollm2
     summary = evaluate_requests(model, tok, load_requests(COUNTERFACT, n=30).requests).summary

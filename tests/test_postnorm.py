@@ -10,8 +10,8 @@ from tiny_models import tiny_model, tiny_tokenizer
 from fastedit.arch import arch_for
 from fastedit.editing.engine import apply_edit
 from fastedit.editing.postnorm import nearest_reachable, post_norm_gain, pre_norm_targets, rms_norm_gain
-from fastedit.editing.requests import EditRequest
 from fastedit.errors import ConfigError
+from fastedit.requests import EditRequest
 
 
 def rms_normed(m: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:

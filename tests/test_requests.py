@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import COUNTERFACT, COUNTERFACT_ORIGINAL, ZSRE
 
-from fastedit.editing.requests import EditRequest, as_requests, detect_layout, load_requests, parse_requests
 from fastedit.errors import RequestError
+from fastedit.requests import EditRequest, as_requests, detect_layout, load_requests, parse_requests
 
 
 def test_flat_counterfact_file():

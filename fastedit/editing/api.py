@@ -16,9 +16,9 @@ import torch
 from fastedit.arch import restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
 from fastedit.editing.patch import Patch, apply_factors, make_patch
-from fastedit.editing.requests import EditRequest, as_requests
 from fastedit.errors import ConfigError
 from fastedit.evaluation.metrics import Metrics, evaluate_requests
+from fastedit.requests import EditRequest, as_requests
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from fastedit.editing.keys import compute_keys
 from fastedit.editing.memit import memit_update
 from fastedit.editing.postnorm import mlp_outputs, post_norm_gain, pre_norm_targets
 from fastedit.editing.problem import LayerProblem, LayerUpdate
-from fastedit.editing.requests import EditRequest
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import check_template
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
 from fastedit.errors import ConfigError, FasteditError
+from fastedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class EditHparams:
     # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
     # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
     # maps each layer's share to the nearest change the norm can emit; "ignore" asks W for the residual change
-    # itself; "output_site" optimises δ on the last layer's mlp_out output (the two baselines of issue 5).
+    # itself; "output_site" optimises δ on the last layer's mlp_out output (baselines kept for the norm study).
     post_norm: str = "per_layer"
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (sweep, source)

@@ -14,8 +14,8 @@ import torch
 
 from fastedit.arch import ArchSpec, capture
 from fastedit.editing.batching import model_device, pad_token_id, right_pad
-from fastedit.editing.requests import EditRequest
 from fastedit.editing.subject import subject_last_index
+from fastedit.requests import EditRequest
 
 CHUNK = 64  # prompts per forward
 

@@ -3,7 +3,7 @@
 In these families block i adds N_i(m) = g ⊙ m / rms(m) to the residual, where m (d_model,) is the output of
 the edited matrix W (``mlp_out``) and g (d_model,) the norm's gain. The closed forms solve ΔW K = ΔM for a
 wanted change ΔM of W's *output*, so a wanted *residual* change r (what MEMIT spreads) must be mapped through
-N_i first. Two facts make the naive mappings fail (issue 5):
+N_i first. Two facts make the naive mappings fail:
 
 * N is scale invariant, so its outputs form the ellipsoid {g ⊙ u : rms(u) = 1}: a layer cannot add an
   arbitrary r, only move its output along that surface. Ignoring the norm (ΔM = r) asks W for a change
@@ -29,8 +29,8 @@ import torch
 
 from fastedit.arch import ArchSpec
 from fastedit.editing.keys import read_at_subject
-from fastedit.editing.requests import EditRequest
 from fastedit.errors import ConfigError
+from fastedit.requests import EditRequest
 
 BISECTION_STEPS = 200  # float64 bisection on μ: far below any tolerance that matters after 200 halvings
 MIN_SCALE = 0.1  # floor of s / rms(m)

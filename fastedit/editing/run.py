@@ -178,8 +178,8 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     """Load, edit, evaluate before/after and write the run folder; returns the metrics and a printable table."""
     from fastedit.editing.api import edit
     from fastedit.editing.hparams import load_hparams
-    from fastedit.editing.requests import load_requests
     from fastedit.models import load_model
+    from fastedit.requests import load_requests
 
     if options.method not in METHODS:
         raise ConfigError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")

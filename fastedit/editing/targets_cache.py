@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.editing.hparams import EditHparams
-from fastedit.editing.requests import EditRequest
 from fastedit.editing.values import ValueResult, values_key
+from fastedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 

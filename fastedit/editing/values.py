@@ -41,9 +41,9 @@ from fastedit.editing.batching import anchor_pad, model_device, pad_token_id, ri
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.keys import contextual_prompts
 from fastedit.editing.replay import LayerReplay
-from fastedit.editing.requests import EditRequest
 from fastedit.editing.subject import subject_last_index
 from fastedit.errors import FasteditError
+from fastedit.requests import EditRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def edit_site(spec: ArchSpec, hp: EditHparams) -> str | tuple[str, ...]:
     """Where δ goes: the residual after the last edited layer (block output), or that layer's ``mlp_out``
     output for ROME (the rank-one solve targets the matrix's own output). Post-MLP-norm families follow
     ``hp.post_norm``: "per_layer" gives one δ per edited layer on its ``mlp_out`` output (a tuple of sites,
-    before each norm), "output_site" one δ on the last layer's ``mlp_out`` output (issue 5's baseline)."""
+    before each norm), "output_site" one δ on the last layer's ``mlp_out`` output (a baseline of the norm study)."""
     layer = hp.layers[-1]
     if spec.post_mlp_norm is not None and hp.method != "rome":
         if hp.post_norm == "per_layer":

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from fastedit.editing.requests import EditRequest, as_requests
 from fastedit.evaluation.fluency import generate, ngram_entropy
 from fastedit.evaluation.scoring import TargetScore, score_pairs
+from fastedit.requests import EditRequest, as_requests
 
 log = logging.getLogger(__name__)
 

@@ -260,8 +260,8 @@ def edit_row(
         from fastedit.editing.context import context_templates
         from fastedit.editing.engine import apply_edit
         from fastedit.editing.hparams import hparams_path, load_hparams
-        from fastedit.editing.requests import EditRequest
         from fastedit.editing.values import compute_values, edit_site, site_start_layer, values_key
+        from fastedit.requests import EditRequest
         from fastedit.stats import ensure_stats
     except ImportError as exc:
         log.warning("%s row: editors missing (%s)", method, exc)
