@@ -111,3 +111,30 @@ def test_prefix_cached_replay_matches_the_full_forward(request, which):
     scale = float(full.abs().max())
     assert torch.allclose(replayed, full, atol=1e-4 * scale)
     assert torch.equal(replayed.argmax(-1), full.argmax(-1))
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which):
+    """AlphaEdit with the shipped hparams on both real models: each batch's edit wins, the update is non-zero,
+    and the second batch's update leaves the first batch's keys alone (‖ΔW₂ K₁‖ ≤ 1e-3 ‖W K₁‖)."""
+    from fastedit.arch import mlp_out_matrix
+    from fastedit.stats import ensure_stats
+
+    model, tok = request.getfixturevalue(which)
+    hp = load_hparams("alphaedit", model)
+    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(WIKITEXT), progress=False)
+    first, second = _requests(4)[:2], _requests(4)[2:]
+    spec = arch_for(model)
+    with restored_after(model, spec, hp.layers):
+        one = apply_edit(model, tok, first, method="alphaedit", hparams=hp, stats=stats)
+        weights = {layer: mlp_out_matrix(model, spec, layer).detach().clone() for layer in hp.layers}
+        two = apply_edit(model, tok, second, method="alphaedit", hparams=hp, stats=stats, previous_keys=one.keys)
+        for layer, (a, b) in two.deltas.items():
+            k_prev = one.keys[layer].T.float()  # (d_k, 2)
+            assert float((a @ b.T).norm()) > 0 and float((one.deltas[layer][0] @ one.deltas[layer][1].T).norm()) > 0
+            moved = (a @ (b.T @ k_prev)).norm()
+            assert moved <= 1e-3 * (weights[layer] @ k_prev).norm(), (layer, float(moved))
+        for req in first + second:
+            new = _nll(model, tok, req.rewrite_prompt(), req.target_new)
+            true = _nll(model, tok, req.rewrite_prompt(), req.target_true)
+            assert new < true, (req.case_id, new, true)
