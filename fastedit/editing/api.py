@@ -95,6 +95,55 @@ def _batches(requests: list[EditRequest], size: int | None) -> list[list[EditReq
     return [requests[i : i + size] for i in range(0, len(requests), size)]
 
 
+def _edit_in_batches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    batches: list[list[EditRequest]],
+    method: str,
+    hp: Any,
+    covs: Mapping[int, Any],
+    targets_cache: str | Path | None,
+) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor], list[dict[str, Any]]]:
+    """Edit batch after batch (each sees the earlier ones' edits); returns the combined factors per layer, the
+    original weights, and each batch's engine info. The model ends in the patch's exact form: originals +
+    round(A Bᵀ) per layer (see patch.py); on any error it is restored."""
+    from fastedit.arch import arch_for
+    from fastedit.editing.engine import apply_edit
+    from fastedit.editing.targets_cache import cached_targets
+
+    spec = arch_for(model)
+    originals = snapshot_mlp_out(model, spec, hp.layers)
+    factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    previous: dict[int, torch.Tensor] = {}  # AlphaEdit's K_p: every earlier batch's keys
+    batch_info: list[dict[str, Any]] = []
+    try:
+        for i, batch in enumerate(batches):
+            log.info("editing batch %d/%d (%d requests, %s)", i + 1, len(batches), len(batch), method)
+            values, targets_hit = None, None
+            if targets_cache is not None and method != "rome":
+                values, targets_hit = cached_targets(model, tokenizer, batch, hp, targets_cache)
+            result = apply_edit(
+                model, tokenizer, batch, method=method, hparams=hp, stats=covs,
+                previous_keys=previous if method == "alphaedit" and previous else None, values=values,
+            )  # fmt: skip
+            result.info["targets_from_cache"] = targets_hit
+            for layer, ab in result.deltas.items():
+                factors.setdefault(layer, []).append(ab)
+            if method == "alphaedit":
+                for layer, keys in result.keys.items():
+                    previous[layer] = keys if layer not in previous else torch.cat([previous[layer], keys])
+            batch_info.append(result.info)
+        combined = {
+            l: (torch.cat([a for a, _ in fs], 1), torch.cat([b for _, b in fs], 1)) for l, fs in factors.items()
+        }
+        restore_mlp_out(model, spec, originals)
+        apply_factors(model, combined)
+    except BaseException:
+        restore_mlp_out(model, spec, originals)
+        raise
+    return combined, originals, batch_info
+
+
 def edit(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -126,24 +175,23 @@ def edit(
     anything fails, every weight is restored bit-exactly before the error propagates.
     """
     from fastedit.arch import arch_for
-    from fastedit.editing.engine import apply_edit
-    from fastedit.editing.hparams import EditHparams, check_layers, load_hparams
+    from fastedit.editing.engine import prepare_covariances, resolve_hparams
+    from fastedit.editing.hparams import check_layers
     from fastedit.models import model_name as loaded_name
 
     reqs = as_requests(requests)
     name = model_name or loaded_name(model)
-    hp = hparams if isinstance(hparams, EditHparams) else load_hparams(method, model, hparams)
-    if hp.method != method:
-        raise ConfigError(f"hparams are for method {hp.method!r}, not {method!r}")
+    hp = resolve_hparams(model, method, hparams)
     check_layers(hp, arch_for(model).n_layers(model.config))
-    layers = list(hp.layers)
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    covs, stats_record = _covariances(
-        model, tokenizer, layers, stats, dm=dm, corpus=corpus, stats_dir=stats_dir, model_name=name, seed=seed
-    )
+    raw, stats_record = _covariances(
+        model, tokenizer, list(hp.layers), stats, dm=dm, corpus=corpus, stats_dir=stats_dir, model_name=name,
+        seed=seed,
+    )  # fmt: skip
+    covs = prepare_covariances(model, raw, hp)  # on the weights' devices once; AlphaEdit's projector kept
     timings["stats"] = time.perf_counter() - t
 
     pre = None
@@ -152,48 +200,10 @@ def edit(
         pre = evaluate_requests(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
         timings["eval_pre"] = time.perf_counter() - t
 
-    from fastedit.editing.engine import prepare_covariances
-    from fastedit.editing.targets_cache import cached_targets
-
-    covs = prepare_covariances(model, covs, hp)  # on the weights' devices once; AlphaEdit's projector kept
-    originals = snapshot_mlp_out(model, arch_for(model), layers)
-    batches = _batches(reqs, batch_size)
-    factors: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    previous: dict[int, torch.Tensor] = {}
-    batch_info: list[dict[str, Any]] = []
     t = time.perf_counter()
-    try:
-        for i, batch in enumerate(batches):
-            log.info("editing batch %d/%d (%d requests, %s)", i + 1, len(batches), len(batch), method)
-            values, targets_hit = None, None
-            if targets_cache is not None and method != "rome":
-                values, targets_hit = cached_targets(model, tokenizer, batch, hp, targets_cache)
-            result = apply_edit(
-                model,
-                tokenizer,
-                batch,
-                method=method,
-                hparams=hp,
-                stats=covs,
-                previous_keys=previous if method == "alphaedit" and previous else None,
-                values=values,
-            )
-            result.info["targets_from_cache"] = targets_hit
-            for layer, ab in result.deltas.items():
-                factors.setdefault(layer, []).append(ab)
-            if method == "alphaedit":  # K_p: every earlier batch's keys, so later updates leave them alone
-                for layer, keys in result.keys.items():
-                    previous[layer] = keys if layer not in previous else torch.cat([previous[layer], keys])
-            batch_info.append(result.info)
-        # Put the model in the patch's exact form: originals + round(A Bᵀ) per layer (see patch.py).
-        combined = {
-            l: (torch.cat([a for a, _ in fs], 1), torch.cat([b for _, b in fs], 1)) for l, fs in factors.items()
-        }
-        restore_mlp_out(model, arch_for(model), originals)
-        apply_factors(model, combined)
-    except BaseException:
-        restore_mlp_out(model, arch_for(model), originals)
-        raise
+    combined, originals, batch_info = _edit_in_batches(
+        model, tokenizer, _batches(reqs, batch_size), method, hp, covs, targets_cache
+    )
     timings["edit"] = time.perf_counter() - t
 
     patch = make_patch(
