@@ -37,6 +37,16 @@ def cli(verbose: int) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def placement_options(command: Any) -> Any:
+    """--device and --dtype, for every command that loads a model."""
+    command = click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16", "float64"]),
+        help="Weights' dtype (default float32; bfloat16 halves the memory of large models).",
+    )(command)
+    return click.option("--device", help="auto (default: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")(command)
+
+
 # ---- arch ----------------------------------------------------------------------------------------------
 
 
@@ -90,6 +100,7 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
     "--targets-cache", type=click.Path(file_okay=False), help="Folder of cached v* targets (default: fastedit cache)."
 )
 @click.option("--no-targets-cache", is_flag=True, help="Always optimise v*; neither read nor write cached targets.")
+@placement_options
 def edit_cmd(file: str, model: str | None, no_targets_cache: bool, **options: Any) -> None:
     """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
     from fastedit.editing.run import EditRunOptions, run_edit
@@ -135,6 +146,7 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
 @click.option("--seed", type=int, default=0, show_default=True, help="Corpus order / sampling seed.")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the cache files (default: fastedit cache).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its partial sums.")
+@placement_options
 def precompute_cmd(
     model: str,
     dm: str,
@@ -147,13 +159,15 @@ def precompute_cmd(
     seed: int,
     out: str | None,
     resume: bool,
+    device: str | None,
+    dtype: str | None,
 ) -> None:
     """Precompute the key second moments C0 of MODEL's MLP output projections (cached per layer)."""
     from fastedit.stats.command import precompute
 
     report = precompute(
         model, dm=dm, layers=layers, hparams=hparams, corpus=corpus, eps=eps, batch_tokens=batch_tokens,
-        seq_len=seq_len, out=out, resume=resume, seed=seed,
+        seq_len=seq_len, out=out, resume=resume, seed=seed, device=device, dtype=dtype,
     )  # fmt: skip
     if report.summary():
         click.echo(report.summary())

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fastedit.errors import ModelLoadError
+from fastedit.errors import ConfigError, ModelLoadError
 
 # A missing local path otherwise costs ~23 s of hub retries; hub ids switch this off explicitly when reachable.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -327,6 +327,35 @@ def _convert_packaged(alias: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s to %s", alias, folder)
     return folder
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def placement(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) from user strings, checked before anything loads.
+
+    device: "auto"/None (the first CUDA device when torch sees one, else MPS, else the CPU), "cpu", "cuda",
+    "cuda:1", "mps". dtype: "float32" (default: the editors' v* and metrics were tuned in it), "bfloat16",
+    "float16", "float64".
+    """
+    name = (device or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: torch sees no such CUDA device (this torch build: {torch.__version__})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: MPS is not available here; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device!r}: only cpu, cuda and mps are supported")
+    key = (dtype or "float32").lower()
+    if key not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return dev, DTYPES[key]
 
 
 def load_model(

@@ -93,3 +93,20 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
 def test_hub_alias_resolves_to_repo_id():
     src = resolve_source("gemma-2b")
     assert (src.kind, src.location) == ("hub", "google/gemma-2b")
+
+
+def test_device_and_dtype_are_checked_before_loading():
+    import torch
+
+    from fastedit.errors import ConfigError
+    from fastedit.models import placement
+
+    assert placement("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+    assert placement(None, None)[1] == torch.float32
+    with pytest.raises(ConfigError, match="not a device"):
+        placement("gpu0")
+    with pytest.raises(ConfigError, match="dtype"):
+        placement("cpu", "int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no such CUDA device"):
+            placement("cuda")

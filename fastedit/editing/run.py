@@ -51,6 +51,8 @@ class EditRunOptions:
     eval_batch_size: int = 16
     trust_remote_code: bool = False
     targets_cache: str | None = None  # v* targets cache folder (default: the fastedit cache); "" disables it
+    device: str | None = None  # auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps
+    dtype: str | None = None  # float32 (default), bfloat16, float16, float64
 
 
 @dataclass
@@ -178,12 +180,13 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     """Load, edit, evaluate before/after and write the run folder; returns the metrics and a printable table."""
     from fastedit.editing.api import edit
     from fastedit.editing.hparams import load_hparams
-    from fastedit.models import load_model
+    from fastedit.models import load_model, placement
     from fastedit.requests import load_requests
 
     if options.method not in METHODS:
         raise ConfigError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     start = time.perf_counter()
+    placement(options.device, options.dtype)  # a bad --device/--dtype fails before anything loads
     dm = parse_dm(options.dm)
     parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)  # fail before loading
     out = Path(options.out) if options.out else default_out(options.model, options.method)
@@ -193,7 +196,10 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         raise ConfigError(f"--save-model folder {options.save_model!r} already exists; choose a new folder")
 
     t = time.perf_counter()
-    model, tokenizer = load_model(options.model, trust_remote_code=options.trust_remote_code)
+    device, dtype = placement(options.device, options.dtype)
+    model, tokenizer = load_model(
+        options.model, device=device, dtype=dtype, trust_remote_code=options.trust_remote_code
+    )
     load_seconds = time.perf_counter() - t
     hp = load_hparams(options.method, model, options.hparams)
     outcome = edit(

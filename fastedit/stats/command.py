@@ -51,17 +51,20 @@ def precompute(
     resume: bool = False,
     seed: int = 0,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> PrecomputeReport:
     """Load ``model`` and ensure C0 at ``layers`` (else the hparams file's layers, else the family default).
 
     With ``eps`` (relative, like the editors' ``rel_eps``), the summary also reports κ(C0 + ε·mean eig(C0)·I),
     the conditioning the editors' regularised C has.
     """
-    from fastedit.models import load_model
+    from fastedit.models import load_model, placement
 
     if layers is not None and hparams is not None:
         raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
-    loaded, tokenizer = load_model(model)
+    where, dtype_ = placement(device, dtype)
+    loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
     if layers is not None:
         source = "--layers"
     elif hparams is not None:
