@@ -175,7 +175,7 @@ def sae() -> None:
 @click.option("--l1", type=float, default=0.04, show_default=True, help="L1 coefficient (ReLU activations).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the tokens.")
 @click.option("--site", type=click.Choice(["resid_post", "mlp_out"]), default="resid_post", show_default=True)
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (default: WikiText-2 test).")
+@click.option("--corpus", help="Text corpus: .txt/.jsonl/.parquet file or folder, datasets folder, HF name:config.")
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
 def sae_train_cmd(
@@ -220,7 +220,7 @@ def sae_train_cmd(
 @sae.command("eval")
 @click.argument("folder", type=click.Path())
 @click.option("--model", help="Override the model named in cfg.json.")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (held-out last 10% is used).")
+@click.option("--corpus", help="Text corpus as for sae train; its held-out 10% of documents is used.")
 @click.option("--tokens", type=click.IntRange(min=1), default=20_000, show_default=True)
 def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int) -> None:
     """L0, explained variance and CE-loss recovered of the SAE in FOLDER (fastedit or SAELens layout)."""
@@ -247,7 +247,7 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 @click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
 @click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Retain corpus text (default: WikiText-2 test).")
+@click.option("--corpus", help="Retain corpus (file, folder, datasets folder, HF name:config; default WikiText-2).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
 def unlearn_cmd(
     model: str,
