@@ -151,6 +151,73 @@ def precompute_cmd(
         click.echo(report.summary())
 
 
+# ---- patch / export ---------------------------------------------------------------------------------------
+
+_OUT_HELP = "Folder to write (refused if it exists, unless --overwrite)."
+_DTYPE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@cli.group()
+def patch() -> None:
+    """Edit patches (.safetensors from `fastedit edit`): show, apply to a model, revert."""
+
+
+@patch.command("show")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+def patch_show(patch_file: str) -> None:
+    """Summarise PATCH_FILE: method, model, requests, layers, ranks and ΔW norms."""
+    from fastedit.export import describe_patch
+
+    click.echo(describe_patch(patch_file))
+
+
+@patch.command("apply")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def patch_apply(patch_file: str, model: str, out: str, dtype: str, overwrite: bool) -> None:
+    """Apply PATCH_FILE to MODEL and save the edited model folder (transformers save_pretrained)."""
+    from fastedit.export import apply_to_folder
+
+    click.echo(f"written: {apply_to_folder(patch_file, model, out, dtype=dtype, overwrite=overwrite)}")
+
+
+@patch.command("revert")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="A model carrying the patch (e.g. a folder from `patch apply`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def patch_revert(patch_file: str, model: str, out: str, dtype: str, overwrite: bool) -> None:
+    """Revert PATCH_FILE from MODEL (bit-exact) and save the restored model folder."""
+    from fastedit.export import revert_to_folder
+
+    click.echo(f"written: {revert_to_folder(patch_file, model, out, dtype=dtype, overwrite=overwrite)}")
+
+
+@cli.command("export")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (or a .gguf file for --format gguf).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "peft", "gguf"]),
+    default="hf",
+    show_default=True,
+    help="hf: edited transformers folder; peft: LoRA adapter for the unedited model; gguf: edited GGUF copy.",
+)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True, help="Weights dtype (hf, peft).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export_cmd(patch_file: str, model: str, out: str, fmt: str, dtype: str, overwrite: bool) -> None:
+    """Export the edit in PATCH_FILE for transformers, peft or llama.cpp (GGUF)."""
+    from fastedit.export import export_patch
+
+    click.echo(f"written: {export_patch(patch_file, model, out, format=fmt, dtype=dtype, overwrite=overwrite)}")
+
+
 # ---- sae / unlearn (SAE features and unlearning) ---------------------------------------------------------
 
 

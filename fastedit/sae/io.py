@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fastedit.errors import FasteditError
+from fastedit.models import hub_model_id
 from fastedit.sae.model import SAE, SAEConfig
 
 SITES = {"resid_post": "block", "mlp_out": "mlp"}  # SAELens hook suffix -> registry kind
@@ -42,9 +43,6 @@ STATE_FILE = "fastedit_state.safetensors"  # fastedit's exact state; SAELens nev
 _STATE_META = "fastedit"
 SAELENS_VERSION = "6.0.0"  # the cfg layout written (SAELens >= 6 reads it without its pre-6 conversion)
 SAELENS_ARCHS = ("standard", "topk", "jumprelu")
-
-# fastedit's packaged aliases -> the hub id of the model they are (SAELens / TransformerLens name models so).
-HUB_MODEL_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 
 class SAEFormatError(FasteditError):
@@ -94,13 +92,6 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         Path(tmp).unlink(missing_ok=True)
 
 
-def _hub_model_id(name: str) -> str:
-    """The name SAELens users know a model by: the hub id of a fastedit alias, else the name as given."""
-    from fastedit.models import HUB_ALIASES
-
-    return HUB_MODEL_IDS.get(name) or HUB_ALIASES.get(name) or name
-
-
 @torch.no_grad()
 def saelens_tensors(sae: SAE) -> dict[str, torch.Tensor]:
     """The tensors SAELens' SAE of ``saelens_architecture(sae)`` loads, acting on raw activations.
@@ -141,7 +132,7 @@ def saelens_cfg(sae: SAE, info: SAEInfo) -> dict[str, Any]:
         "metadata": {
             "sae_lens_version": SAELENS_VERSION,
             "sae_lens_training_version": SAELENS_VERSION,
-            "model_name": _hub_model_id(info.model_name),
+            "model_name": hub_model_id(info.model_name),  # SAELens / TransformerLens name models by hub id
             "hook_name": info.hook_name,
             "hook_head_index": None,
             "context_size": info.context_size,
