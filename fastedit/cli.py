@@ -210,12 +210,18 @@ def patch_revert(patch_file: str, model: str, out: str, dtype: str, overwrite: b
     help="hf: edited transformers folder; peft: LoRA adapter for the unedited model; gguf: edited GGUF copy.",
 )
 @click.option("--dtype", type=_DTYPE, default="float32", show_default=True, help="Weights dtype (hf, peft).")
+@click.option(
+    "--gguf-f32", is_flag=True, help="gguf: store edited tensors as F32 (exact) instead of the file's own type."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def export_cmd(patch_file: str, model: str, out: str, fmt: str, dtype: str, overwrite: bool) -> None:
+def export_cmd(patch_file: str, model: str, out: str, fmt: str, dtype: str, gguf_f32: bool, overwrite: bool) -> None:
     """Export the edit in PATCH_FILE for transformers, peft or llama.cpp (GGUF)."""
     from fastedit.export import export_patch
 
-    click.echo(f"written: {export_patch(patch_file, model, out, format=fmt, dtype=dtype, overwrite=overwrite)}")
+    written = export_patch(
+        patch_file, model, out, format=fmt, dtype=dtype, requantize=not gguf_f32, overwrite=overwrite
+    )
+    click.echo(f"written: {written}")
 
 
 # ---- sae / unlearn (SAE features and unlearning) ---------------------------------------------------------

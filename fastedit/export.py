@@ -235,7 +235,7 @@ def gguf_source(model: str) -> Path:
     )
 
 
-def _edited_tensor(data: Any, qtype: Any, delta: torch.Tensor, name: str) -> tuple[Any, Any]:
+def _edited_tensor(data: Any, qtype: Any, delta: torch.Tensor, name: str, requantize: bool) -> tuple[Any, Any]:
     """(new data, its GGML type): dequantise, add ΔW in float32, re-quantise to ``qtype`` (else F32)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
@@ -244,7 +244,7 @@ def _edited_tensor(data: Any, qtype: Any, delta: torch.Tensor, name: str) -> tup
     if weight.shape != tuple(delta.shape):
         raise ExportError(f"GGUF tensor {name} has shape {weight.shape}, the patch's ΔW {tuple(delta.shape)}")
     edited = weight + delta.numpy().astype(np.float32)
-    if qtype in (GGMLQuantizationType.F32,):
+    if qtype == GGMLQuantizationType.F32 or not requantize:
         return edited, GGMLQuantizationType.F32
     try:
         return quants.quantize(edited, qtype), qtype
@@ -253,8 +253,13 @@ def _edited_tensor(data: Any, qtype: Any, delta: torch.Tensor, name: str) -> tup
         return edited, GGMLQuantizationType.F32
 
 
-def write_edited_gguf(patch: Patch, source: Path, target: Path, tensor_name: Callable[[int], str]) -> dict[str, str]:
-    """Copy ``source`` to ``target`` with the edited tensors replaced; returns {tensor name: stored type}."""
+def write_edited_gguf(
+    patch: Patch, source: Path, target: Path, tensor_name: Callable[[int], str], *, requantize: bool = True
+) -> dict[str, str]:
+    """Copy ``source`` to ``target`` with the edited tensors replaced; returns {tensor name: stored type}.
+
+    ``requantize``: store edited tensors in their source type (smaller; adds that type's rounding error to the
+    edit) when gguf-py can quantise it; False stores them as F32 (exact edit)."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(str(source))
@@ -275,7 +280,7 @@ def write_edited_gguf(patch: Patch, source: Path, target: Path, tensor_name: Cal
     stored: dict[str, str] = {}
     for t in reader.tensors:
         if t.name in edits:
-            new, qtype = _edited_tensor(t.data, t.tensor_type, patch.delta(edits[t.name]), t.name)
+            new, qtype = _edited_tensor(t.data, t.tensor_type, patch.delta(edits[t.name]), t.name, requantize)
             stored[t.name] = qtype.name
         else:
             new, qtype = t.data, t.tensor_type
@@ -291,7 +296,9 @@ def write_edited_gguf(patch: Patch, source: Path, target: Path, tensor_name: Cal
     return stored
 
 
-def export_gguf(patch: Patch | str | Path, model: str, out: str | Path, *, overwrite: bool = False) -> Path:
+def export_gguf(
+    patch: Patch | str | Path, model: str, out: str | Path, *, requantize: bool = True, overwrite: bool = False
+) -> Path:
     """A copy of ``model``'s GGUF with the patch added to its ``mlp_out`` tensors (``out``: a .gguf or a folder)."""
     patch = _patch(patch)
     source = gguf_source(model)
@@ -306,7 +313,9 @@ def export_gguf(patch: Patch | str | Path, model: str, out: str | Path, *, overw
     if spec.gguf_mlp_out is None:
         raise ExportError(f"the registry has no GGUF tensor name for {spec.model_type}'s mlp_out")
     with _staged(out, overwrite, is_dir=False) as tmp:
-        stored = write_edited_gguf(patch, source, tmp, lambda layer: spec.gguf_mlp_out.format(i=layer))
+        stored = write_edited_gguf(
+            patch, source, tmp, lambda layer: spec.gguf_mlp_out.format(i=layer), requantize=requantize
+        )
     log.info("wrote %s (edited tensors: %s)", out, json.dumps(stored))
     return out
 
@@ -318,6 +327,7 @@ def export_patch(
     *,
     format: str = "hf",
     dtype: str = "float32",
+    requantize: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Export an edit: ``hf`` (the edited model folder), ``peft`` (a LoRA adapter) or ``gguf`` (an edited GGUF)."""
@@ -329,4 +339,4 @@ def export_patch(
         return export_peft(patch, model, out, dtype=dtype, overwrite=overwrite)
     if dtype != "float32":
         raise ExportError("--dtype does not apply to --format gguf (edited tensors keep the file's own types)")
-    return export_gguf(patch, model, out, overwrite=overwrite)
+    return export_gguf(patch, model, out, requantize=requantize, overwrite=overwrite)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fastedit.config import config_to_dict
+from fastedit.editing.easyedit import requests_from_keywords
 from fastedit.editing.patch import Patch, apply_factors, make_patch, restore_weights, snapshot_weights
 from fastedit.editing.requests import EditRequest, as_requests
 from fastedit.errors import ConfigError
@@ -97,7 +98,7 @@ def _batches(requests: list[EditRequest], size: int | None) -> list[list[EditReq
 def edit(
     model: torch.nn.Module,
     tokenizer: Any,
-    requests: Any,
+    requests: Any = None,
     method: str = "memit",
     hparams: Any = None,
     stats: Mapping[int, Any] | None = None,
@@ -111,6 +112,7 @@ def edit(
     fluency: bool = False,
     seed: int = 0,
     model_name: str | None = None,
+    **easyedit: Any,
 ) -> EditOutcome:
     """Edit ``model`` in place for ``requests`` and return the patch and the metrics before and after.
 
@@ -118,6 +120,8 @@ def edit(
     loaded hparams. stats: None (cached or computed with ``dm``/``corpus`` via `fastedit.stats.ensure_stats`),
     or layer -> C0 tensor / `KeyStats`. batch_size: requests per closed-form solve (None: all at once); later
     batches see the model edited by earlier ones, and AlphaEdit projects each batch away from earlier keys.
+    EasyEdit users: ``prompts=, target_new=, subject=, ground_truth=, rephrase_prompts=, locality_inputs=``
+    may replace ``requests``, and hparams may be an EasyEdit YAML file (see `easyedit.py`).
     The model ends in exactly the state `apply_patch(original model, outcome.patch)` gives; if anything fails,
     every weight is restored bit-exactly before the error propagates.
     """
@@ -126,7 +130,7 @@ def edit(
     from fastedit.editing.hparams import EditHparams, check_layers, load_hparams
     from fastedit.models import model_name as loaded_name
 
-    reqs = as_requests(requests)
+    reqs = as_requests(requests_from_keywords(requests, easyedit))
     name = model_name or loaded_name(model)
     hp = hparams if isinstance(hparams, EditHparams) else load_hparams(method, model, hparams)
     if hp.method != method:
