@@ -46,7 +46,7 @@ def _logits(model, tok) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_peft_adapter_on_the_unedited_model_gives_the_edited_outputs(tmp_path, family):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[interop]')").PeftModel
 
     model, tok, folder = _saved(tmp_path, family)
     patch = _patch(model, {0: 2, 2: 3})  # two ranks: the adapter needs a per-module rank
@@ -85,6 +85,7 @@ def test_apply_and_revert_write_plain_transformers_folders(tmp_path):
 
 
 def test_patch_and_export_commands(tmp_path):
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[interop]')")
     model, _, folder = _saved(tmp_path, "llama")
     path = _patch(model, {0: 1, 2: 2}).save(tmp_path / "p.safetensors")
     runner = CliRunner()
@@ -169,7 +170,8 @@ def test_gguf_copy_replaces_only_the_edited_tensor(tmp_path, qtype, stored):
 def test_smollm2_exports_peft_and_gguf_with_the_edit_intact(smollm2, tmp_path):
     """A rank-2 patch on three layers (ΔW entries ~0.03, a few Q4_1 steps), exported as GGUF and peft."""
     import numpy as np
-    from peft import PeftModel
+
+    PeftModel = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[interop]')").PeftModel
     from transformers import AutoModelForCausalLM as Auto
 
     from fastedit.models import load_model, packaged_gguf
