@@ -173,6 +173,79 @@ def precompute_cmd(
         click.echo(report.summary())
 
 
+# ---- patch / export ---------------------------------------------------------------------------------------
+
+_OUT_HELP = "Folder to write (refused if it exists, unless --overwrite)."
+_DTYPE = click.Choice(["float32", "bfloat16", "float16"])
+
+
+@cli.group()
+def patch() -> None:
+    """Edit patches (.safetensors from `fastedit edit`): show, apply to a model, revert."""
+
+
+@patch.command("show")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+def patch_show(patch_file: str) -> None:
+    """Summarise PATCH_FILE: method, model, requests, layers, ranks and ΔW norms."""
+    from fastedit.export import describe_patch
+
+    click.echo(describe_patch(patch_file))
+
+
+@patch.command("apply")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def patch_apply(patch_file: str, model: str, out: str, dtype: str, overwrite: bool) -> None:
+    """Apply PATCH_FILE to MODEL and save the edited model folder (transformers save_pretrained)."""
+    from fastedit.export import apply_to_folder
+
+    click.echo(f"written: {apply_to_folder(patch_file, model, out, dtype=dtype, overwrite=overwrite)}")
+
+
+@patch.command("revert")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="A model carrying the patch (e.g. a folder from `patch apply`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def patch_revert(patch_file: str, model: str, out: str, dtype: str, overwrite: bool) -> None:
+    """Revert PATCH_FILE from MODEL (bit-exact) and save the restored model folder."""
+    from fastedit.export import revert_to_folder
+
+    click.echo(f"written: {revert_to_folder(patch_file, model, out, dtype=dtype, overwrite=overwrite)}")
+
+
+@cli.command("export")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option("--out", required=True, type=click.Path(), help="Output folder (or a .gguf file for --format gguf).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "peft", "gguf"]),
+    default="hf",
+    show_default=True,
+    help="hf: edited transformers folder; peft: LoRA adapter for the unedited model; gguf: edited GGUF copy.",
+)
+@click.option("--dtype", type=_DTYPE, default="float32", show_default=True, help="Weights dtype (hf, peft).")
+@click.option(
+    "--gguf-f32", is_flag=True, help="gguf: store edited tensors as F32 (exact) instead of the file's own type."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export_cmd(patch_file: str, model: str, out: str, fmt: str, dtype: str, gguf_f32: bool, overwrite: bool) -> None:
+    """Export the edit in PATCH_FILE for transformers, peft or llama.cpp (GGUF)."""
+    from fastedit.export import export_patch
+
+    written = export_patch(
+        patch_file, model, out, format=fmt, dtype=dtype, requantize=not gguf_f32, overwrite=overwrite
+    )
+    click.echo(f"written: {written}")
+
+
 # ---- sae / unlearn (SAE features and unlearning) ---------------------------------------------------------
 
 
@@ -197,7 +270,7 @@ def sae() -> None:
 @click.option("--l1", type=float, default=0.04, show_default=True, help="L1 coefficient (ReLU activations).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the tokens.")
 @click.option("--site", type=click.Choice(["resid_post", "mlp_out"]), default="resid_post", show_default=True)
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (default: WikiText-2 test).")
+@click.option("--corpus", help="Text corpus: .txt/.jsonl/.parquet file or folder, datasets folder, HF name:config.")
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
 def sae_train_cmd(
@@ -242,7 +315,7 @@ def sae_train_cmd(
 @sae.command("eval")
 @click.argument("folder", type=click.Path())
 @click.option("--model", help="Override the model named in cfg.json.")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (held-out last 10% is used).")
+@click.option("--corpus", help="Text corpus as for sae train; its held-out 10% of documents is used.")
 @click.option("--tokens", type=click.IntRange(min=1), default=20_000, show_default=True)
 def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int) -> None:
     """L0, explained variance and CE-loss recovered of the SAE in FOLDER (fastedit or SAELens layout)."""
@@ -269,7 +342,7 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 @click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
 @click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Retain corpus text (default: WikiText-2 test).")
+@click.option("--corpus", help="Retain corpus (file, folder, datasets folder, HF name:config; default WikiText-2).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
 def unlearn_cmd(
     model: str,

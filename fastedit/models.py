@@ -116,7 +116,15 @@ HUB_ALIASES: dict[str, str] = {
     "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M",
 }
 
+# The hub ids of the packaged models (what other tools, e.g. SAELens and peft configs, call them).
+PACKAGED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
+
 DEFAULT_MODEL = "gemma3-270m"  # Gemma 3 edits are tuned; smollm2-135m is the small alternative
+
+
+def hub_model_id(name: str) -> str:
+    """The hub id a model is known by elsewhere: a packaged or hub alias resolved, else ``name`` itself."""
+    return PACKAGED_HUB_IDS.get(name) or HUB_ALIASES.get(name) or name
 
 
 def known_aliases() -> list[str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastedit.editing.easyedit import locality_pairs
 from fastedit.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ _SIGNATURES: tuple[tuple[str, frozenset[str]], ...] = (
     ("flat", frozenset({"ground_truth"})),
     ("flat", frozenset({"rephrase_prompt"})),
     ("flat", frozenset({"locality_prompt"})),
+    ("flat", frozenset({"prompt", "subject", "target_new", "locality"})),  # EasyEdit's request dicts
     ("plain", frozenset({"prompt", "subject", "target_new"})),
 )
 
@@ -143,12 +145,20 @@ def _from_flat(rec: dict[str, Any], index: int) -> EditRequest:
     answers = _strings(rec.get("locality_ground_truth"), "locality_ground_truth")
     if len(answers) != len(neighborhood):
         raise _Bad(f"{len(neighborhood)} locality_prompt(s) but {len(answers)} locality_ground_truth answer(s)")
+    try:  # EasyEdit's per-request {"neighborhood": {"prompt": ..., "ground_truth": ...}, ...}
+        more_prompts, more_answers = locality_pairs(rec.get("locality"))
+    except RequestError as exc:
+        raise _Bad(str(exc)) from None
+    neighborhood, answers = neighborhood + tuple(more_prompts), answers + tuple(more_answers)
+    truth = rec.get("ground_truth")
+    if isinstance(truth, (list, tuple)):  # EasyEdit allows a list of true answers: the first is scored
+        truth = truth[0] if truth else None
     return EditRequest(
         case_id=str(rec.get("case_id", index)),
         prompt=_template(_text(rec.get("prompt"), "prompt"), subject, require_braces=False),
         subject=subject,
         target_new=_target(rec.get("target_new"), "target_new"),
-        target_true=_target(rec["ground_truth"], "ground_truth") if rec.get("ground_truth") is not None else None,
+        target_true=_target(truth, "ground_truth") if truth is not None else None,
         paraphrases=_strings(rec.get("rephrase_prompt"), "rephrase_prompt"),
         neighborhood_prompts=neighborhood,
         neighborhood_answers=tuple(a.strip() for a in answers),

@@ -106,15 +106,14 @@ def test_saelens_layout_round_trip(tmp_path, arch):
         "cfg.json",
         "sae_weights.safetensors",
         "sparsity.safetensors",
+        "fastedit_state.safetensors",
     }
     loaded, linfo = load_sae(tmp_path / arch)
     assert linfo.layer == 2 and linfo.hook_name == "blocks.2.hook_resid_post"
     assert torch.allclose(loaded(x)[0], sae(x)[0], rtol=1e-4, atol=1e-3)
     # A plain SAELens reader sees the folded W_enc/W_dec/b_enc/b_dec: same output for relu / topk.
-    cfg = json.loads((tmp_path / arch / "cfg.json").read_text())
     if arch in ("relu", "topk"):
-        del cfg["fastedit"]
-        (tmp_path / arch / "cfg.json").write_text(json.dumps(cfg))
+        (tmp_path / arch / "fastedit_state.safetensors").unlink()
         plain, _ = load_sae(tmp_path / arch)
         assert plain.scale == 1.0
         assert torch.allclose(plain(x)[0], sae(x)[0], rtol=1e-4, atol=1e-3)
@@ -150,7 +149,7 @@ def test_bad_sae_folders_are_clear_errors(tmp_path):
     save_file({"W_enc": torch.zeros(2, 3)}, tmp_path / "sae_weights.safetensors")
     with pytest.raises(SAEFormatError, match="unknown SAE layout"):
         load_sae(tmp_path)
-    (tmp_path / "cfg.json").write_text(json.dumps({"hook_name": "model.layers.1", "architecture": "standard"}))
+    (tmp_path / "cfg.json").write_text(json.dumps({"hook_name": "blocks.1.hook_attn_out", "architecture": "standard"}))
     with pytest.raises(SAEFormatError, match="hook_name"):
         load_sae(tmp_path)
 

@@ -41,6 +41,8 @@ class ArchSpec:
     max_positions_keys: tuple[str, ...] = ("max_position_embeddings", "n_positions", "n_ctx")
     d_k_default_multiple: int = 4  # d_k = multiple * d_model when the config leaves it None (GPT-2, GPT-J)
     text_config_key: str | None = None
+    # The mlp_out weight's tensor name in llama.cpp GGUF files (the same for every family llama.cpp converts).
+    gguf_mlp_out: str | None = "blk.{i}.ffn_down.weight"
     aliases: tuple[str, ...] = field(default=())
 
     # ---- resolving templates -------------------------------------------------------------------------

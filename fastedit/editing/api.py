@@ -15,6 +15,7 @@ import torch
 
 from fastedit.arch import restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
+from fastedit.editing.easyedit import requests_from_keywords
 from fastedit.editing.patch import Patch, apply_factors, make_patch
 from fastedit.errors import ConfigError
 from fastedit.evaluation.metrics import Metrics, evaluate_requests
@@ -147,7 +148,7 @@ def _edit_in_batches(
 def edit(
     model: torch.nn.Module,
     tokenizer: Any,
-    requests: Any,
+    requests: Any = None,
     method: str = "memit",
     hparams: Any = None,
     stats: Mapping[int, Any] | None = None,
@@ -162,6 +163,7 @@ def edit(
     seed: int = 0,
     model_name: str | None = None,
     targets_cache: str | Path | None = None,
+    **easyedit: Any,
 ) -> EditOutcome:
     """Edit ``model`` in place for ``requests`` and return the patch and the metrics before and after.
 
@@ -171,7 +173,9 @@ def edit(
     batches see the model edited by earlier ones, and AlphaEdit projects each batch away from earlier keys.
     targets_cache: a folder where the v* targets of each batch are kept and looked up
     (`fastedit.editing.targets_cache`), so another method or λ on the same model and requests skips the
-    optimisation. The model ends in exactly the state `apply_patch(original model, outcome.patch)` gives; if
+    optimisation. EasyEdit users: ``prompts=, target_new=, subject=, ground_truth=, rephrase_prompts=,
+    locality_inputs=`` may replace ``requests``, and hparams may be an EasyEdit YAML file (see `easyedit.py`).
+    The model ends in exactly the state `apply_patch(original model, outcome.patch)` gives; if
     anything fails, every weight is restored bit-exactly before the error propagates.
     """
     from fastedit.arch import arch_for
@@ -179,7 +183,7 @@ def edit(
     from fastedit.editing.hparams import check_layers
     from fastedit.models import model_name as loaded_name
 
-    reqs = as_requests(requests)
+    reqs = as_requests(requests_from_keywords(requests, easyedit))
     name = model_name or loaded_name(model)
     hp = resolve_hparams(model, method, hparams)
     check_layers(hp, arch_for(model).n_layers(model.config))

@@ -132,7 +132,17 @@ def hparams_path(method: str, model_or_family: Any) -> Path:
 
 
 def load_hparams(method: str, model_or_family: Any, path: str | Path | None = None) -> EditHparams:
-    """Load the hparams of ``method`` for a model (object or name) or family; ``path`` overrides the lookup."""
+    """Load the hparams of ``method`` for a model (object or name) or family; ``path`` overrides the lookup.
+
+    A ``.yaml`` path is an EasyEdit hparams file: its keys that map override the model's own hparams."""
+    if path is not None and Path(path).suffix.lower() in (".yaml", ".yml"):  # an EasyEdit hparams file
+        from fastedit.editing.easyedit import easyedit_hparams
+
+        try:
+            base = load_hparams(method, model_or_family)
+        except ConfigError:
+            base = None
+        return easyedit_hparams(method, path, base)
     source = Path(path) if path is not None else hparams_path(method, model_or_family)
     hp = load_dataclass_file(EditHparams, source)
     if hp.method != method:

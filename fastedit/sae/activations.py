@@ -24,21 +24,72 @@ from fastedit.arch import arch_for, capture
 from fastedit.data import WIKITEXT_ENV, default_wikitext
 from fastedit.errors import FasteditError
 from fastedit.models import cache_dir, model_name
+from fastedit.stats.corpus import Corpus, check_corpus, resolve_corpus
+from fastedit.stats.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
 
-def read_corpus(path: str | Path | None = None, *, part: str = "train", held_out: float = 0.1) -> str:
-    """Plain text of a corpus file; ``part`` "train" is the first 90% of it, "heldout" the last 10%."""
-    path = Path(path) if path is not None else default_wikitext()
-    if not path.exists():
-        raise FasteditError(
-            f"corpus file {str(path)!r} does not exist; pass a plain-text file (--corpus) or set ${WIKITEXT_ENV}"
-        )
-    text = path.read_text(encoding="utf-8", errors="replace")
-    cut = int(len(text) * (1 - held_out))
-    cut = text.find("\n", cut) + 1 or cut  # split at a line boundary
-    return text[:cut] if part == "train" else text[cut:]
+HELD_OUT_EVERY = 10  # document i is held out when i % 10 == 9 (10%), whatever the read budget
+CHARS_PER_TOKEN = 16  # read budget: generous (English BPE averages ~4 characters a token)
+
+
+def corpus_source(corpus: str | Path | None, model: Any = None, tokenizer: Any = None) -> Corpus:
+    """The corpus through the reader precompute uses (`fastedit.stats.corpus`); None: the WikiText-2 file."""
+    if corpus is None:
+        path = default_wikitext()
+        if not path.exists():
+            raise CorpusError(
+                f"corpus file {str(path)!r} does not exist; pass --corpus (a .txt/.jsonl/.parquet file or folder, a "
+                f"datasets save_to_disk folder, or a dataset name:config) or set ${WIKITEXT_ENV}"
+            )
+        corpus = path
+    return resolve_corpus(str(corpus), model, tokenizer)
+
+
+def check_sae_corpus(corpus: str | Path | None) -> None:
+    """Fail on a missing, unreadable or empty corpus before the model loads."""
+    if corpus is None:
+        corpus_source(None)
+    else:
+        check_corpus(str(corpus))
+
+
+def read_corpus(
+    corpus: str | Path | None = None,
+    *,
+    part: str = "train",
+    tokens: int = 200_000,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> str:
+    """Text of a corpus part, documents joined by newlines: "train" or "heldout" (every 10th document, in the
+    reader's seed-0 order, so the two never overlap whatever is read). Reads about ``tokens`` tokens' worth.
+    A corpus of fewer than 10 documents is cut by characters instead: the first 90% / the last 10%."""
+    if part not in ("train", "heldout"):
+        raise ValueError(f"part must be 'train' or 'heldout', got {part!r}")
+    src = corpus_source(corpus, model, tokenizer)
+    budget = CHARS_PER_TOKEN * tokens
+    chosen: list[str] = []
+    seen: list[str] = []
+    size = 0
+    n = 0
+    for n, doc in enumerate(src.documents(0), 1):
+        if n <= HELD_OUT_EVERY:
+            seen.append(doc)
+        if ((n % HELD_OUT_EVERY == 0) == (part == "heldout")) and size < budget:
+            chosen.append(doc)
+            size += len(doc)
+        if size >= budget and n >= HELD_OUT_EVERY:
+            break
+    if n < HELD_OUT_EVERY:  # too few documents to hold whole ones out
+        text = "\n".join(seen)
+        cut = int(len(text) * 0.9)
+        cut = text.find("\n", cut) + 1 or cut  # split at a line boundary
+        return text[:cut] if part == "train" else text[cut:]
+    if not chosen:
+        raise CorpusError(f"corpus {src.describe} has no {part} text")
+    return "\n".join(chosen)
 
 
 def bos_id(tokenizer: Any) -> int | None:

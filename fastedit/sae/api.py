@@ -15,8 +15,9 @@ from fastedit.sae.activations import (
     ShufflingBuffer,
     bos_id,
     cached_activations,
+    check_sae_corpus,
     chunks_of,
-    default_wikitext,
+    corpus_source,
     load_activations,
     read_corpus,
     stream_activations,
@@ -49,7 +50,9 @@ def evaluate_sae(
 ) -> dict[str, Any]:
     """Metrics on the held-out part of the corpus (the last 10%, never trained on)."""
     check_fits(model, sae, info)
-    text = read_corpus(corpus, part="heldout")
+    text = read_corpus(
+        corpus, part="heldout", tokens=tokens + ce_windows * info.context_size, model=model, tokenizer=tokenizer
+    )
     acts = torch.cat(list(stream_activations(model, tokenizer, text, info.layer, site=info.site, max_tokens=tokens)))
     metrics = reconstruction_metrics(sae, acts)
     if ce_windows:
@@ -97,6 +100,7 @@ def train_sae(
     """
     if arch not in ARCHS:
         raise FasteditError(f"unknown SAE arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_sae_corpus(corpus)
     model, tokenizer = _model(model, tokenizer)
     from fastedit.arch import arch_for
 
@@ -118,7 +122,7 @@ def train_sae(
         if not cases:
             raise FasteditError(f"no CounterFact case has topic {forget_topic!r}")
         forget_texts = topic_texts(cases[:400])
-    text = read_corpus(corpus, part="train")
+    text = read_corpus(corpus, part="train", tokens=tokens, model=model, tokenizer=tokenizer)
     path = cached_activations(
         model, tokenizer, text, layer, site=site, context=context, tokens=tokens, folder=activation_cache
     )
@@ -137,7 +141,7 @@ def train_sae(
         site=site,
         context_size=context,
         prepend_bos=bos_id(tokenizer) is not None,
-        dataset_path=str(Path(corpus) if corpus else default_wikitext()),
+        dataset_path=corpus_source(corpus, model, tokenizer).describe,
         train={**asdict(cfg), "tokens": len(acts), "forget_texts": len(forget_texts or []), **result.log},
     )
     info.metrics = evaluate_sae(
@@ -161,6 +165,7 @@ def eval_sae(
 ) -> dict[str, Any]:
     """Load an SAE folder (fastedit or SAELens layout) and measure it on held-out text of its model."""
     sae, info = load_sae(folder)
+    check_sae_corpus(corpus)
     if model is None:
         if not info.model_name:
             raise FasteditError(f"{folder}/cfg.json names no model_name; pass --model")

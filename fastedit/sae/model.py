@@ -111,6 +111,9 @@ class SAE(nn.Module):
         if self.threshold is not None:  # JumpReLU (loaded SAELens SAEs)
             z = pre * (pre > self.threshold)
         elif self.cfg.activation == "topk":
+            # Pruned features (alive = 0) take no top-k slot: the k go to live features, as in the exported
+            # SAELens weights (b_enc = −1e4 for pruned features).
+            pre = pre.masked_fill(self.alive == 0, float("-inf"))
             vals, idx = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
             z = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
         else:

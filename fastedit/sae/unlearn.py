@@ -39,7 +39,7 @@ from fastedit.arch import arch_for, edit_output, mlp_out_param
 from fastedit.config import config_to_dict
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
-from fastedit.sae.activations import default_wikitext, hook_path, read_corpus, stream_activations
+from fastedit.sae.activations import check_sae_corpus, default_wikitext, hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, file_mode, load_sae
 from fastedit.sae.model import SAE
@@ -390,6 +390,7 @@ def run_unlearning(
     ``out``; returns the JSON content.
     """
     cfg = config or UnlearnConfig()
+    check_sae_corpus(cfg.corpus or None)  # before the model loads
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     elif tokenizer is None:
@@ -411,7 +412,9 @@ def run_unlearning(
     )
     scorer = Scorer(model, tokenizer, sets)
     base = {"retain": scorer.retain(), "forget": scorer.forget()}
-    retain_text = read_corpus(cfg.corpus or None, part="train")
+    retain_text = read_corpus(
+        cfg.corpus or None, part="train", tokens=cfg.retain_corpus_tokens, model=model, tokenizer=tokenizer
+    )
     rows, grids = [], {}
     names: dict[str, int] = {}
     layer_cache: dict[tuple[int, str], _LayerActs] = {}

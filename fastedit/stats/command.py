@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastedit.arch import arch_for
+from fastedit.stats.corpus import check_corpus
 from fastedit.stats.errors import StatsError
 from fastedit.stats.keystats import KeyStats, condition_number
 from fastedit.stats.layers import default_layers, layers_from_hparams
@@ -63,6 +64,7 @@ def precompute(
 
     if layers is not None and hparams is not None:
         raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
+    check_corpus(corpus)  # a bad corpus fails before the model loads
     where, dtype_ = placement(device, dtype)
     loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
     if layers is not None:

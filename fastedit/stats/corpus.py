@@ -184,20 +184,65 @@ def _file_identity(path: Path) -> str:
     return _short_hash(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
 
 
+# Files in a corpus folder that describe the data rather than hold it (hub snapshots carry a README.md, a
+# LICENSE, a CITATION...; `datasets` save_to_disk folders their JSON metadata): skipped, never read as text.
+METADATA_STEMS = ("readme", "license", "licence", "copying", "citation", "changelog", "notice", "authors", "model_card")
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _is_metadata(relative: Path) -> bool:
+    """A folder entry that is documentation, dataset metadata, or hidden (``.cache``, ``.gitattributes``)."""
+    if any(part.startswith(".") for part in relative.parts):
+        return True
+    return relative.name.lower() in DATASETS_METADATA or relative.name.lower().split(".")[0] in METADATA_STEMS
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets.Dataset(Dict).save_to_disk`` (arrow files + JSON metadata)."""
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and any(path.glob("*.arrow")))
+    )
+
+
+def _check_readable(files: list[Path], location: str) -> None:
+    """Open every file and parse its first document, so a bad file fails now (before any model loads)."""
+    found = False
+    for f in files:
+        try:
+            found = next(iter(_file_documents(f)), None) is not None or found
+        except UnicodeDecodeError as exc:
+            raise CorpusError(
+                f"corpus file {f} is not UTF-8 text ({exc.reason}); pass text, JSON lines or parquet"
+            ) from None
+        except OSError as exc:
+            raise CorpusError(f"corpus file {f} cannot be read ({exc.strerror or exc})") from None
+    if not found:
+        raise CorpusError(f"corpus {location!r} contains no text; pass a corpus with documents in it")
+
+
 def local_corpus(location: str) -> Corpus:
+    """A text/JSONL/parquet file, a folder of them, or a `datasets` save_to_disk folder, checked readable now."""
     path = Path(location).expanduser()
     if not path.exists():
         raise CorpusError(f"corpus {location!r} does not exist; pass an existing .txt/.jsonl/.parquet file or folder")
+    if is_saved_dataset(path):
+        return saved_dataset_corpus(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES)
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in KNOWN_SUFFIXES and not _is_metadata(p.relative_to(path))
+        )
         if not files:
             raise CorpusError(
-                f"corpus folder {location!r} holds no {'/'.join(KNOWN_SUFFIXES)} files; add text files or pass a file"
+                f"corpus folder {location!r} holds no {'/'.join(KNOWN_SUFFIXES)} files (README, license and metadata "
+                "files are skipped); add text files, pass a file, or a datasets save_to_disk folder"
             )
     else:
         if path.suffix.lower() not in KNOWN_SUFFIXES:
             _file_documents(path)  # raises the unknown-format error
         files = [path]
+    _check_readable(files, location)
     ident = _short_hash(
         ":".join(f"{f.relative_to(path) if path.is_dir() else f.name}={_file_identity(f)}" for f in files)
     )
@@ -211,6 +256,64 @@ def local_corpus(location: str) -> Corpus:
 
     name = path.name or str(path)
     return Corpus("files", f"file:{name}:{ident}", f"{slugify(name, 32)}-{ident[:6]}", str(path), True, documents)
+
+
+def _open_saved_dataset(path: Path) -> Any:
+    """The dataset of a save_to_disk folder: a DatasetDict's ``train`` split (else its first split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several types for a damaged folder
+        raise CorpusError(f"corpus {str(path)!r} is not a readable datasets save_to_disk folder ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if not ds:
+            raise CorpusError(f"corpus {str(path)!r} is a DatasetDict without splits")
+        split = "train" if "train" in ds else next(iter(ds))
+        log.info("corpus %s: using split %r of %s", path, split, list(ds))
+        ds = ds[split]
+    column = next((c for c in TEXT_FIELDS if c in ds.column_names), None)
+    if column is None:
+        raise CorpusError(
+            f"dataset {str(path)!r} has no text column (looked for {', '.join(TEXT_FIELDS)}; found "
+            f"{', '.join(ds.column_names)}); rename the text column to 'text'"
+        )
+    return ds.select_columns([column])
+
+
+def saved_dataset_corpus(path: Path) -> Corpus:
+    """A ``datasets`` save_to_disk folder (read with ``datasets.load_from_disk``; memory-mapped arrow files)."""
+    ds = _open_saved_dataset(path)
+    column = ds.column_names[0]
+    if not any(isinstance(t, str) and t.strip() for t in ds[:64][column]):
+        raise CorpusError(f"corpus {str(path)!r} contains no text in its first rows; pass a corpus with documents")
+    meta = [p for p in sorted(path.rglob("*")) if p.is_file() and (p.suffix == ".arrow" or p.name in DATASETS_METADATA)]
+    ident = _short_hash(":".join(f"{p.relative_to(path)}={_file_identity(p)}" for p in meta))
+
+    def documents(seed: int) -> Iterator[str]:
+        for row in ds.shuffle(seed=seed):
+            text = row[column]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+    name = path.name or str(path)
+    return Corpus("files", f"dataset:{name}:{ident}", f"{slugify(name, 32)}-{ident[:6]}", str(path), True, documents)
+
+
+def check_corpus(corpus: str | None) -> None:
+    """Validate a corpus argument before anything expensive (model loading): a local file or folder must exist,
+    have a known format and yield text; a hub dataset needs the hub. ``None`` and ``model`` need the model."""
+    if corpus is None or str(corpus) == MODEL_CORPUS:
+        return
+    text = str(corpus)
+    if not text.strip():
+        raise CorpusError("empty corpus name; pass a .txt/.jsonl/.parquet file or folder, or a dataset name:config")
+    if _looks_like_path(text):
+        local_corpus(text)
+    elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", text):
+        hub_corpus(text)
+    else:
+        resolve_corpus(text, None, None)  # raises the cannot-interpret error
 
 
 # ---- Hugging Face datasets -----------------------------------------------------------------------------------

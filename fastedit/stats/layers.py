@@ -34,6 +34,14 @@ def hparams_dirs() -> list[Path]:
 def layers_from_hparams(path: str | Path) -> list[int]:
     """The ``layers`` list of an hparams JSON file (read directly; the editors own the full schema)."""
     path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml"):  # EasyEdit hparams
+        from fastedit.editing.easyedit import read_yaml
+
+        raw = read_yaml(path)
+        layers = raw.get("layers")
+        if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
+            raise ConfigError(f"hparams file {path} has no layers list of integers; add one or pass --layers")
+        return layers
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
