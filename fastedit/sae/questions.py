@@ -334,7 +334,9 @@ def build_question_sets(
     def fill(topic: str, want: int) -> None:
         cap = min(candidates_per_topic, len(by_topic[topic]))
         while len(kept[topic]) < want and scored[topic] < cap:
-            chunk = by_topic[topic][scored[topic] : min(cap, scored[topic] + 2 * batch_size)]
+            # about twice the shortfall (most topics answer half or more of their cases), at most two batches
+            size = min(2 * batch_size, max(8, 2 * (want - len(kept[topic]))))
+            chunk = by_topic[topic][scored[topic] : min(cap, scored[topic] + size)]
             scored[topic] += len(chunk)
             kept[topic] += _known(model, tokenizer, chunk, paraphrase=False, batch_size=batch_size)
 
