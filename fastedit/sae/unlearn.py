@@ -223,8 +223,8 @@ class Scorer:
 
     def forget(self) -> dict[str, float]:
         return {
-            "forget_acc": float(self._flags(self._forget).float().mean()),
-            "forget_acc_installed": float(self._flags(self._installed).float().mean()),
+            "forget_acc": float(self._flags(self._forget).double().mean()),
+            "forget_acc_installed": float(self._flags(self._installed).double().mean()),
         }
 
 
