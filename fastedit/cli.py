@@ -339,11 +339,27 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
     help="Hparams file of an editing row (repeatable; default: the model's file in hparams/).",
 )
 @click.option("--max-forget", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
+@click.option(
+    "--retain-questions",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Retain questions, spread evenly over the other topics.",
+)
+@click.option(
+    "--retain-max-drop",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Retain gate: share of retain answers that may flip (0.01 of 300 = 3).",
+)
+@click.option(
+    "--candidates", type=click.IntRange(min=1), default=200, show_default=True, help="Most cases scored per topic."
+)
 @click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
 @click.option("--corpus", help="Retain corpus (file, folder, datasets folder, HF name:config; default WikiText-2).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier result in --out.")
 def unlearn_cmd(
     model: str,
     saes: tuple[str, ...],
@@ -351,11 +367,13 @@ def unlearn_cmd(
     editors: str,
     editor_hparams: tuple[str, ...],
     max_forget: int,
-    retain_per_topic: int,
+    retain_questions: int,
+    retain_max_drop: float,
     candidates: int,
     counterfact: str | None,
     corpus: str | None,
     out: str,
+    overwrite: bool,
 ) -> None:
     """Compare SAE feature clamping with MEMIT/EMMET edits at forgetting one CounterFact topic."""
     from fastedit.sae.unlearn import UnlearnConfig, run_unlearning
@@ -373,13 +391,15 @@ def unlearn_cmd(
         editors=[e for e in editors.split(",") if e],
         editor_hparams=files,
         max_forget=max_forget,
-        retain_per_topic=retain_per_topic,
+        retain_questions=retain_questions,
+        retain_max_drop=retain_max_drop,
         candidates_per_topic=candidates,
         counterfact=counterfact or "",
         corpus=corpus or "",
     )
-    result = run_unlearning(model, list(saes), out, config=cfg)
-    click.echo(f"{result['split']}\n\n{result['table']}\n\nwritten: {out}/unlearning.json, {out}/unlearning.png")
+    result = run_unlearning(model, list(saes), out, config=cfg, overwrite=overwrite)
+    written = ", ".join(f"{out}/{name}" for name in ("unlearning.json", "table.md", "unlearning.png"))
+    click.echo(f"{result['split']['summary']}\n\n{result['table']}\n\nwritten: {written}")
 
 
 def main() -> None:

@@ -10,13 +10,21 @@ Protocol (SAEBench, after Farrell et al. 2024), per SAE:
     Grids for c: ``absolute``: c_i = m, m ∈ {25, 50, 100, 200} (SAEBench's values, in activation units);
     ``norm-scaled``: c_i = s·median‖x‖ / ‖d_i‖, s ∈ {0.25, 0.5, 1, 2}: the clamp moves the residual by s times
     the layer's median residual norm (SAEBench's values were absolute sizes for Gemma-2-2B's residual).
- 4. keep configurations whose retain accuracy is ≥ 99% of the original (each grid is scored weakest clamp first;
-    by default, once one fails the gate the stronger clamps of the same features are recorded as skipped, not
-    scored: ``skip_stronger_after_fail``, a time saving SAEBench does not make); the score of the SAE is
+ 4. keep configurations that pass the retain gate: at most ⌊retain_max_drop · n_retain⌋ of the retain
+    questions (all answered by the unedited model) may flip, e.g. 3 of 300 for 1 % (each grid is scored weakest
+    clamp first; by default, once one fails the gate the stronger clamps of the same features are recorded as
+    skipped, not scored: ``skip_stronger_after_fail``, a time saving SAEBench does not make; and the retain
+    scoring of a clamp stops once the gate has failed: ``stop_retain_at_gate_fail``); the score of the SAE is
     1 − (lowest forget accuracy among kept configurations); 0.0 when only the unclamped model passes.
-Accuracy = share of the (known) questions whose true answer still beats the counterfactual (`questions.py`).
-Editing rows: MEMIT and EMMET rewrite every forget fact to its CounterFact ``target_new``; the same retain gate
-and score apply. Weights are restored after each edit.
+Accuracy = share of the questions whose true answer still beats the counterfactual (`questions.py`).
+Editing rows: MEMIT and EMMET rewrite every forget fact to its CounterFact ``target_new``, given the rewrite prompt
+only; the same retain gate and score apply. Weights are restored after each edit.
+
+Fairness: every row is scored on the same questions, and forgetting on the held-out paraphrase of each forget
+question (never shown to an editor, left out of the SAE forget corpus); the model answers both the paraphrase
+and the rewrite prompt of every forget question before any intervention. Accuracy on the rewrite prompt (the one
+an editor installs its edit on) is reported separately as ``forget_acc_installed``. The unedited model's scores
+come from the question selection and are not recomputed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -43,7 +52,7 @@ from fastedit.sae.activations import check_sae_corpus, default_wikitext, hook_pa
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, file_mode, load_sae
 from fastedit.sae.model import SAE
-from fastedit.sae.questions import Question, QuestionSets, accuracy_flags, build_question_sets
+from fastedit.sae.questions import Question, QuestionSets, build_question_sets, make_probe, score_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +66,21 @@ class UnlearnConfig:
     n_features: list[int] = field(default_factory=lambda: [10, 20])
     multipliers: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 200.0])
     norm_scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    retain_gate: float = 0.99
+    # Retain gate: a configuration is kept when at most ⌊retain_max_drop · retain_questions⌋ retain answers flip
+    # (0.01 of 300 = 3 questions, i.e. retain accuracy ≥ 0.99).
+    retain_max_drop: float = 0.01
     # Clamps of one feature set are scored weakest first; once one fails the retain gate, the stronger ones of the
     # same grid are recorded as skipped instead of scored (they move the residual further; False scores them all).
     skip_stronger_after_fail: bool = True
+    # A clamp's retain scoring stops once more answers flipped than the gate allows (its exact retain accuracy is
+    # then not known and recorded as null, with the flips counted so far).
+    stop_retain_at_gate_fail: bool = True
     retain_corpus_tokens: int = 20_000
-    candidates_per_topic: int = 80
+    candidates_per_topic: int = 200  # cap on the cases scored per topic (retain topics stop at their share)
     max_forget: int = 40
-    retain_per_topic: int = 10
+    retain_questions: int = 300  # spread evenly over the topics other than the forget topic
     min_forget: int = 20
+    batch_size: int = 32  # questions per forward
     editors: list[str] = field(default_factory=lambda: ["memit", "emmet"])
     editor_hparams: dict[str, str] = field(default_factory=dict)  # method -> hparams file (default: the model's)
     counterfact: str = ""
@@ -130,24 +145,87 @@ def clamp_features(
         yield
 
 
-def _acc(flags: torch.Tensor) -> float:
-    return float(flags.float().mean()) if len(flags) else float("nan")
+@dataclass(frozen=True)
+class RetainGate:
+    """Kept = at most ``max_flipped`` of the ``questions`` retain answers (all right before) turned wrong."""
+
+    questions: int
+    max_drop: float
+
+    @property
+    def max_flipped(self) -> int:
+        return math.floor(self.max_drop * self.questions + 1e-9)
+
+    def passes(self, flipped: int) -> bool:
+        return flipped <= self.max_flipped
+
+    def describe(self) -> str:
+        k, n = self.max_flipped, self.questions
+        return f"at most {k} of {n} retain answers may flip (retain accuracy ≥ {(n - k) / n:.3f})"
+
+    def as_dict(self) -> dict[str, Any]:
+        k, n = self.max_flipped, self.questions
+        return {"retain_questions": n, "max_drop": self.max_drop, "max_flipped": k, "min_retain_acc": (n - k) / n}
+
+
+@dataclass
+class RetainScore:
+    flipped: int  # retain answers now wrong (of those scored)
+    scored: int
+    total: int
+
+    @property
+    def acc(self) -> float | None:
+        """Retain accuracy, or None when scoring stopped early (the gate had already failed)."""
+        return 1.0 - self.flipped / self.total if self.scored == self.total else None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"retain_acc": self.acc, "retain_flipped": self.flipped}
+        if self.scored < self.total:
+            out["retain_scored"] = self.scored  # stopped once the gate had failed
+        return out
 
 
 @dataclass
 class Scorer:
-    """Forget/retain accuracy of the model as it is (hooks active), on fixed question sets."""
+    """Forget/retain accuracy of the model as it is (hooks active), on fixed question sets tokenised once.
+
+    Retain questions are scored on their rewrite prompt; forget questions on their held-out paraphrase
+    (``forget_acc``) and on the rewrite prompt an editor installs its edit on (``forget_acc_installed``).
+    """
 
     model: torch.nn.Module
     tokenizer: Any
     sets: QuestionSets
+    batch_size: int = 32
     mask: _Mask = field(default_factory=_Mask)
 
-    def retain(self) -> float:
-        return _acc(accuracy_flags(self.model, self.tokenizer, self.sets.retain, set_mask=self.mask.set)[0])
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        self._retain = [make_probe(tok, q.prompt, q.true, q.new) for q in self.sets.retain]
+        self._forget = [make_probe(tok, q.rephrase, q.true, q.new) for q in self.sets.forget]
+        self._installed = [make_probe(tok, q.prompt, q.true, q.new) for q in self.sets.forget]
 
-    def forget(self) -> float:
-        return _acc(accuracy_flags(self.model, self.tokenizer, self.sets.forget, set_mask=self.mask.set)[0])
+    def _flags(self, probes: Sequence[Any], stop: int | None = None) -> torch.Tensor:
+        wins, _ = score_in_batches(
+            self.model,
+            self.tokenizer,
+            probes,
+            batch_size=self.batch_size,
+            set_mask=self.mask.set,
+            stop_after_misses=stop,
+        )
+        return wins
+
+    def retain(self, stop_after_flips: int | None = None) -> RetainScore:
+        wins = self._flags(self._retain, stop_after_flips)
+        return RetainScore(int((~wins).sum()), len(wins), len(self._retain))
+
+    def forget(self) -> dict[str, float]:
+        return {
+            "forget_acc": float(self._flags(self._forget).double().mean()),
+            "forget_acc_installed": float(self._flags(self._installed).double().mean()),
+        }
 
 
 def sae_row(
@@ -158,10 +236,13 @@ def sae_row(
     retain_text: str,
     base: dict[str, float],
     cache: dict[tuple[int, str], _LayerActs] | None = None,
+    gate: RetainGate | None = None,
 ) -> dict[str, Any]:
     """Run the clamp grid of one SAE; returns its table row (best kept config) and the whole grid."""
     t0 = time.perf_counter()
     model, tok = scorer.model, scorer.tokenizer
+    gate = gate or RetainGate(len(scorer.sets.retain), cfg.retain_max_drop)
+    stop = gate.max_flipped if cfg.stop_retain_at_gate_fail else None
     sae, info = load_sae(folder)
     check_fits(model, sae, info)
     cache = {} if cache is None else cache
@@ -191,11 +272,12 @@ def sae_row(
                 grid.append({**entry, "kept": False, "skipped": "a weaker clamp of these features failed the gate"})
                 continue
             with clamp_features(model, sae, info, top, values, scorer.mask):
-                retain = scorer.retain()
+                retain = scorer.retain(stop)
+                passed = gate.passes(retain.flipped)
                 # The forget set is only scored where the retain gate passes (the others cannot be kept).
-                forget = scorer.forget() if retain >= cfg.retain_gate * base["retain"] else None
-            seen[key] = {"retain_acc": retain, "forget_acc": forget, "kept": forget is not None}
-            if forget is None:
+                forget = scorer.forget() if passed else {}
+            seen[key] = {**retain.as_dict(), **forget, "kept": passed}
+            if not passed:
                 failed.add(grid_name)
             grid.append({**entry, **seen[key]})
             log.info("%s %s", name, grid[-1] | {"features": len(top)})
@@ -213,13 +295,15 @@ def sae_row(
     if best is None:
         row.update(
             forget_acc=base["forget"],
+            forget_acc_installed=base["forget_installed"],
             retain_acc=base["retain"],
             score=0.0,
-            note=f"no clamp configuration kept retain accuracy ≥ {cfg.retain_gate:.0%} of the original",
+            note=f"no clamp configuration passed the retain gate ({gate.describe()})",
         )
     else:
         row.update(
             forget_acc=best["forget_acc"],
+            forget_acc_installed=best["forget_acc_installed"],
             retain_acc=best["retain_acc"],
             score=max(0.0, 1.0 - best["forget_acc"]),
             config={k: best[k] for k in ("retain_threshold", "n", "grid", "multiplier")},
@@ -242,32 +326,47 @@ def _restored_weights(model: torch.nn.Module) -> Iterator[None]:
                 p.copy_(s)
 
 
+def _shared_targets(
+    model: torch.nn.Module, tok: Any, requests: Sequence[Any], hp: Any, cache: dict[str, Any]
+) -> tuple[Any, bool]:
+    """v* targets of ``requests`` under ``hp`` (`compute_targets`, the editors' public v* API), computed once
+    per values key and shared between editing rows; returns (targets, whether they were shared)."""
+    from fastedit.editing.engine import compute_targets
+    from fastedit.editing.values import values_key
+
+    key = values_key(arch_for(model), hp)
+    if key in cache:
+        return cache[key], True
+    cache[key] = compute_targets(model, tok, requests, method=hp.method, hparams=hp)
+    return cache[key], False
+
+
 def edit_row(
     scorer: Scorer,
     method: str,
     base: dict[str, float],
     cfg: UnlearnConfig,
     values_cache: dict[str, Any] | None = None,
+    gate: RetainGate | None = None,
 ) -> dict[str, Any]:
     """Rewrite every forget fact to its counterfactual with ``method`` (MEMIT/EMMET), score, restore.
 
+    The editor is given the rewrite prompt only (no paraphrases); forgetting is scored on the held-out paraphrase.
     ``values_cache`` (values key -> v* targets) lets MEMIT and EMMET share one v* optimisation when their
-    hparams ask for the same targets (it is the slow part); a row that reused targets says so.
+    hparams ask for the same targets; a row that reused targets says so.
     """
     row: dict[str, Any] = {"method": method, "kind": "edit"}
+    gate = gate or RetainGate(len(scorer.sets.retain), cfg.retain_max_drop)
     t0 = time.perf_counter()
     try:
-        from fastedit.editing.context import context_templates
         from fastedit.editing.engine import apply_edit
         from fastedit.editing.hparams import hparams_path, load_hparams
-        from fastedit.editing.values import compute_values, edit_site, site_start_layer, values_key
         from fastedit.requests import EditRequest
         from fastedit.stats import ensure_stats
     except ImportError as exc:
         log.warning("%s row: editors missing (%s)", method, exc)
         return {**row, "forget_acc": None, "retain_acc": None, "score": None, "note": "not available: editors missing"}
     model, tok = scorer.model, scorer.tokenizer
-    spec = arch_for(model)
     requests = [_request(q, EditRequest) for q in scorer.sets.forget]
     values_cache = {} if values_cache is None else values_cache
     try:
@@ -276,35 +375,22 @@ def edit_row(
         corpus = cfg.corpus or str(default_wikitext())
         computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=corpus)
         stats = {layer: ks.mean for layer, ks in computed.items()}  # C0 per edited layer
-        key = values_key(spec, hp)
-        shared = key in values_cache
-        if not shared:
-            contexts = context_templates(
-                model, tok, seeds=hp.context_seeds, length=hp.context_length, seed=hp.context_seed
-            )
-            values_cache[key] = compute_values(
-                model,
-                tok,
-                spec,
-                requests,
-                site=edit_site(spec, hp),
-                layer=site_start_layer(spec, hp),
-                contexts=contexts,
-                hp=hp,
-            )
+        values, shared = _shared_targets(model, tok, requests, hp, values_cache)
         with _restored_weights(model):
-            apply_edit(model, tok, requests, method=method, hparams=hp, stats=stats, values=values_cache[key])
+            apply_edit(model, tok, requests, method=method, hparams=hp, stats=stats, values=values)
             retain, forget = scorer.retain(), scorer.forget()
     except Exception as exc:  # an editor failure must not sink the other rows
         log.exception("%s edit failed", method)
         return {**row, "forget_acc": None, "retain_acc": None, "score": None, "note": f"failed: {exc}"}
-    passed = retain >= cfg.retain_gate * base["retain"]
-    note = "retain gate passed" if passed else f"retain gate failed (raw score {1 - forget:.3f}); scored 0.0"
+    passed = gate.passes(retain.flipped)
+    raw = 1 - forget["forget_acc"]
+    note = "retain gate passed" if passed else f"retain gate failed (raw score {raw:.3f}); scored 0.0"
     return {
         **row,
-        "forget_acc": forget,
-        "retain_acc": retain,
-        "score": max(0.0, 1.0 - forget) if passed else 0.0,
+        **forget,
+        "retain_acc": retain.acc,
+        "retain_flipped": retain.flipped,
+        "score": max(0.0, raw) if passed else 0.0,
         "seconds": round(time.perf_counter() - t0, 1),
         "hparams": str(hp_file),
         "note": note + ("; v* targets shared with an earlier row" if shared else ""),
@@ -312,13 +398,13 @@ def edit_row(
 
 
 def _request(q: Question, cls: Any) -> Any:
+    """The edit request of a forget question: rewrite prompt only; the paraphrase stays held out."""
     return cls(
         case_id=q.case_id,
         prompt=q.prompt.replace(q.subject, "{}", 1),
         subject=q.subject,
         target_new=q.new,
         target_true=q.true,
-        paraphrases=(q.rephrase,) if q.rephrase else (),
     )
 
 
@@ -330,20 +416,42 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+TABLE_COLUMNS = (
+    ("forget_acc", "forget acc (held-out paraphrase)"),
+    ("forget_acc_installed", "forget acc (installed prompt)"),
+    ("retain_acc", "retain acc"),
+    ("score", "unlearning score"),
+    ("seconds", "wall time (s)"),
+)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     def f(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = [
-        "| method | forget acc | retain acc | unlearning score | wall time (s) | note |",
-        "|---|---|---|---|---|---|",
+        "| method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | note |",
+        "|---|" + "---|" * len(TABLE_COLUMNS) + "---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {f(r.get('forget_acc'))} | {f(r.get('retain_acc'))} | {f(r.get('score'))} | "
-            f"{f(r.get('seconds'))} | {r.get('note', '')} |"
-        )
+        cells = " | ".join(f(r.get(key)) for key, _ in TABLE_COLUMNS)
+        lines.append(f"| {r['method']} | {cells} | {r.get('note', '')} |")
     return "\n".join(lines)
+
+
+def protocol_note(cfg: UnlearnConfig, sets: QuestionSets, gate: RetainGate) -> str:
+    """The header of table.md: what the numbers mean."""
+    n_topics = sum(1 for t, v in sets.topics.items() if t != cfg.forget_topic and v["used"])
+    return (
+        f"Forget topic {cfg.forget_topic}: {len(sets.forget)} CounterFact questions the unedited model answers "
+        "(true answer beats the counterfactual) on both the rewrite prompt and a held-out paraphrase; retain: "
+        f"{len(sets.retain)} questions it answers, spread over {n_topics} other topics. Every row is scored on the "
+        "same questions. Forget accuracy is measured on the held-out paraphrases, which no method sees (editors get "
+        "the rewrite prompt only; the SAE forget corpus holds rewrite-prompt statements only); the installed-prompt "
+        "column is the accuracy on the rewrite prompt the editors install their edit on. Retain gate: "
+        f"{gate.describe()}. Unlearning score = 1 − forget acc (held-out paraphrase) of the best configuration "
+        "that passes the gate, 0.0 when none does."
+    )
 
 
 def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -354,19 +462,23 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     names = [r["method"] for r in rows]
     x = torch.arange(len(rows)).tolist()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
-    for off, key, label in (
-        (-0.27, "forget_acc", "forget acc"),
-        (0, "retain_acc", "retain acc"),
-        (0.27, "score", "score"),
-    ):
-        ax.bar([i + off for i in x], [r.get(key) or 0.0 for r in rows], width=0.27, label=label)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    bars = (
+        ("forget_acc", "forget acc (paraphrase)"),
+        ("forget_acc_installed", "forget acc (installed prompt)"),
+        ("retain_acc", "retain acc"),
+        ("score", "score"),
+    )
+    w = 0.2
+    for j, (key, label) in enumerate(bars):
+        off = (j - (len(bars) - 1) / 2) * w
+        ax.bar([i + off for i in x], [r.get(key) or 0.0 for r in rows], width=w, label=label)
     ax.set_xticks(x, names, rotation=20)
     ax.set_ylim(0, 1.05)
     import textwrap
 
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
     os.close(fd)
@@ -376,6 +488,9 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+OUTPUTS = ("unlearning.json", "table.md", "unlearning.png")
+
+
 def run_unlearning(
     model: Any,
     saes: Sequence[str | Path],
@@ -383,20 +498,32 @@ def run_unlearning(
     *,
     tokenizer: Any = None,
     config: UnlearnConfig | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The comparison: every SAE's clamp grid, then MEMIT and EMMET, on one forget/retain question split.
 
-    Writes ``unlearning.json`` (config, topic split, rows, full grids), ``table.md`` and ``unlearning.png`` into
-    ``out``; returns the JSON content.
+    Writes ``unlearning.json`` (config, gate, question split with case ids, rows, every grid point),
+    ``table.md`` and ``unlearning.png`` into ``out``; returns the JSON content. An earlier result in ``out`` is
+    only replaced with ``overwrite``.
     """
     cfg = config or UnlearnConfig()
     check_sae_corpus(cfg.corpus or None)  # before the model loads
+    out = Path(out)
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FasteditError(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
+        )
+    if cfg.retain_questions < 1 or not 0 <= cfg.retain_max_drop < 1:
+        raise FasteditError(
+            f"retain_questions must be ≥ 1 and retain_max_drop in [0, 1); got {cfg.retain_questions}, "
+            f"{cfg.retain_max_drop}"
+        )
+    saes_loaded = [(Path(s), *load_sae(s)) for s in saes]  # fail early on a bad folder, before any long work
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     elif tokenizer is None:
         raise FasteditError("pass a tokenizer with a loaded model")
-    out = Path(out)
-    saes_loaded = [(Path(s), *load_sae(s)) for s in saes]  # fail early on a bad folder, before any long work
     for _, sae, info in saes_loaded:
         check_fits(model, sae, info)
     t0 = time.perf_counter()
@@ -407,11 +534,16 @@ def run_unlearning(
         counterfact=cfg.counterfact or None,
         candidates_per_topic=cfg.candidates_per_topic,
         max_forget=cfg.max_forget,
-        retain_per_topic=cfg.retain_per_topic,
+        retain_questions=cfg.retain_questions,
         min_forget=cfg.min_forget,
+        batch_size=cfg.batch_size,
     )
-    scorer = Scorer(model, tokenizer, sets)
-    base = {"retain": scorer.retain(), "forget": scorer.forget()}
+    select_s = time.perf_counter() - t0
+    gate = RetainGate(len(sets.retain), cfg.retain_max_drop)
+    scorer = Scorer(model, tokenizer, sets, batch_size=cfg.batch_size)
+    # Every selected question is answered by the unedited model (on each prompt it is scored on), so the
+    # baseline is 1.0 by construction; the selection's scores are reused, not recomputed.
+    base = {"retain": 1.0, "forget": 1.0, "forget_installed": 1.0}
     retain_text = read_corpus(
         cfg.corpus or None, part="train", tokens=cfg.retain_corpus_tokens, model=model, tokenizer=tokenizer
     )
@@ -421,21 +553,33 @@ def run_unlearning(
     for folder, sae, _ in saes_loaded:
         name = sae.cfg.arch if sae.cfg.arch not in names else f"{sae.cfg.arch}-{names[sae.cfg.arch]}"
         names[sae.cfg.arch] = names.get(sae.cfg.arch, 0) + 1
-        res = sae_row(scorer, name, folder, cfg, retain_text, base, layer_cache)
+        res = sae_row(scorer, name, folder, cfg, retain_text, base, layer_cache, gate)
         rows.append(res["row"])
         grids[name] = res["grid"]
     values_cache: dict[str, Any] = {}
     for method in cfg.editors:
-        rows.append(edit_row(scorer, method, base, cfg, values_cache))
+        rows.append(edit_row(scorer, method, base, cfg, values_cache, gate))
     out.mkdir(parents=True, exist_ok=True)
-    split = (
-        f"forget topic {cfg.forget_topic}: {len(sets.forget)} known questions; "
-        f"retain: {len(sets.retain)} known questions from {sum(1 for t in sets.topics if t != cfg.forget_topic)} topics"
+    summary = (
+        f"forget topic {cfg.forget_topic}: {len(sets.forget)} questions (answered on rewrite prompt and held-out "
+        f"paraphrase; scored on the paraphrase); retain: {len(sets.retain)} questions from "
+        f"{sum(1 for t, v in sets.topics.items() if t != cfg.forget_topic and v['used'])} topics; "
+        f"gate: {gate.describe()}"
     )
+    note = protocol_note(cfg, sets, gate)
     result = {
         "model": model_name(model),
         "config": config_to_dict(cfg),
-        "split": split,
+        "protocol": note,
+        "gate": gate.as_dict(),
+        "split": {
+            "summary": summary,
+            "forget_topic": cfg.forget_topic,
+            "forget_case_ids": [q.case_id for q in sets.forget],
+            "retain_case_ids": [q.case_id for q in sets.retain],
+            "forget_scored_on": "rephrase (held-out paraphrase); forget_acc_installed: prompt",
+            "retain_scored_on": "prompt",
+        },
         "topics": sets.topics,
         "baseline": base,
         "rows": rows,
@@ -443,13 +587,13 @@ def run_unlearning(
         "grids": grids,
         "forget_questions": [asdict(q) for q in sets.forget],
         "retain_questions": [asdict(q) for q in sets.retain],
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": {"question_selection": round(select_s, 1), "total": round(time.perf_counter() - t0, 1)},
     }
-    plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {split}")
+    plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {summary}")
     md = out / "table.md"
     fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"{split}\n\n{result['table']}\n")
+        fh.write(f"{note}\n\n{result['table']}\n")
     os.chmod(tmp, file_mode())
     os.replace(tmp, md)
     _write_json(out / "unlearning.json", result)
