@@ -15,7 +15,7 @@ import torch
 
 from fastedit.config import config_to_dict
 from fastedit.editing.patch import Patch, apply_factors, make_patch, restore_weights, snapshot_weights
-from fastedit.editing.requests import EditRequest, as_requests
+from fastedit.editing.requests import EditRequest, as_requests, check_request_lengths
 from fastedit.errors import ConfigError
 from fastedit.evaluation.metrics import Metrics, evaluate_requests
 
@@ -127,6 +127,7 @@ def edit(
     from fastedit.models import model_name as loaded_name
 
     reqs = as_requests(requests)
+    check_request_lengths(reqs, tokenizer, arch_for(model).max_positions(model.config))  # before any v* work
     name = model_name or loaded_name(model)
     hp = hparams if isinstance(hparams, EditHparams) else load_hparams(method, model, hparams)
     if hp.method != method:

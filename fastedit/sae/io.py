@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fastedit.atomic import atomic_folder, save_safetensors, write_text
 from fastedit.errors import FasteditError
 from fastedit.sae.model import SAE, SAEConfig
 
@@ -51,37 +50,21 @@ class SAEInfo:
         return f"blocks.{self.layer}.hook_{self.site}"
 
 
-def file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.chmod(tmp, file_mode())  # mkstemp creates 0600; finished files get the usual permissions
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def save_sae(
-    sae: SAE, info: SAEInfo, folder: str | Path, sparsity: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+    sae: SAE,
+    info: SAEInfo,
+    folder: str | Path,
+    sparsity: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the SAELens layout into ``folder``; ``sparsity`` = log10 firing frequency per feature (d_sae,)."""
+    """Write the SAELens layout into ``folder``; ``sparsity`` = log10 firing frequency per feature (d_sae,).
+
+    The files are written into a temp folder renamed into place at the end (an interrupt leaves ``folder``
+    as it was); an existing non-empty ``folder`` is replaced only with ``overwrite``.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     s = sae.scale.detach()
     with torch.no_grad():
         folded = {
@@ -93,8 +76,6 @@ def save_sae(
         if sae.cfg.arch == "hiercontrastive" or (sae.alive < 1).any():
             folded["b_enc"] = torch.where(sae.alive > 0, sae.b_enc, torch.full_like(sae.b_enc, -1e4))
     state = {f"fastedit.{k}": v for k, v in sae.state_dict().items()}
-    _atomic_safetensors(folder / "sae_weights.safetensors", {**folded, **state})
-    _atomic_safetensors(folder / "sparsity.safetensors", {"sparsity": sparsity, **(extra or {})})
     cfg = {
         "architecture": {"relu": "standard", "topk": "topk"}.get(sae.cfg.arch, "standard"),
         "d_in": sae.cfg.d_in,
@@ -115,8 +96,10 @@ def save_sae(
         "dataset_path": info.dataset_path,
         "fastedit": {"sae": dataclasses.asdict(sae.cfg), "train": info.train, "metrics": info.metrics},
     }
-    # cfg.json last: a folder without it is recognisably incomplete.
-    _atomic_json(folder / "cfg.json", cfg)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        save_safetensors(tmp / "sae_weights.safetensors", {**folded, **state})
+        save_safetensors(tmp / "sparsity.safetensors", {"sparsity": sparsity, **(extra or {})})
+        write_text(tmp / "cfg.json", json.dumps(cfg, indent=2))
     return folder
 
 
@@ -130,8 +113,8 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
             "(expected cfg.json + sae_weights.safetensors [+ sparsity.safetensors])"
         )
     try:
-        cfg = json.loads((folder / "cfg.json").read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SAEFormatError(f"{folder}/cfg.json is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{folder}/cfg.json must hold a mapping")
@@ -149,7 +132,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, SAEInfo]:
             f"{folder}/cfg.json: hook_name {cfg.get('hook_name')!r} is not supported; "
             "use blocks.<layer>.hook_resid_post or blocks.<layer>.hook_mlp_out"
         )
-    weights = load_file(str(folder / "sae_weights.safetensors"))
+    weights = _read_tensors(folder / "sae_weights.safetensors")
     ours = cfg.get("fastedit")
     fe = ours.get("train", {}) if isinstance(ours, dict) else {}
     info = SAEInfo(
@@ -162,14 +145,18 @@ def load_sae(folder: str | Path) -> tuple[SAE, SAEInfo]:
         train=fe,
         metrics=ours.get("metrics", {}) if isinstance(ours, dict) else {},
     )
-    if isinstance(ours, dict) and any(k.startswith("fastedit.") for k in weights):
-        sae = SAE(SAEConfig(**ours["sae"]))
-        state = {k.removeprefix("fastedit."): v for k, v in weights.items() if k.startswith("fastedit.")}
-        sae.load_state_dict(state)
-        if sae.cfg.arch == "featureforget":
-            sae.gating = True
-        return sae.eval().requires_grad_(False), info
-    return _load_saelens(folder, cfg, weights), info
+    try:
+        if isinstance(ours, dict) and any(k.startswith("fastedit.") for k in weights):
+            sae = SAE(SAEConfig(**ours["sae"]))
+            state = {k.removeprefix("fastedit."): v for k, v in weights.items() if k.startswith("fastedit.")}
+            sae.load_state_dict(state)
+            if sae.cfg.arch == "featureforget":
+                sae.gating = True
+            return sae.eval().requires_grad_(False), info
+        return _load_saelens(folder, cfg, weights), info
+    except (TypeError, KeyError, ValueError, RuntimeError) as exc:  # cfg.json and weights disagree
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SAEFormatError(f"{folder}: cfg.json and sae_weights.safetensors do not fit ({reason})") from None
 
 
 def _load_saelens(folder: Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> SAE:
@@ -201,6 +188,13 @@ def _load_saelens(folder: Path, cfg: dict[str, Any], weights: dict[str, torch.Te
     return sae.eval().requires_grad_(False)
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise SAEFormatError(f"{path} is not a readable safetensors file ({exc}); re-train or re-save it") from None
+
+
 def load_sparsity(folder: str | Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / "sparsity.safetensors"
-    return load_file(str(path)) if path.exists() else {}
+    return _read_tensors(path) if path.exists() else {}

@@ -25,8 +25,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,12 +34,13 @@ from typing import Any
 import torch
 
 from fastedit.arch import arch_for, edit_output, mlp_out_param
+from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
 from fastedit.sae.activations import default_wikitext, hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
-from fastedit.sae.io import SAEInfo, file_mode, load_sae
+from fastedit.sae.io import SAEInfo, load_sae
 from fastedit.sae.model import SAE
 from fastedit.sae.questions import Question, QuestionSets, accuracy_flags, build_question_sets
 
@@ -323,11 +322,7 @@ def _request(q: Question, cls: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -368,12 +363,8 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
 
 
 def run_unlearning(
@@ -443,11 +434,6 @@ def run_unlearning(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {split}")
-    md = out / "table.md"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{split}\n\n{result['table']}\n")
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, md)
+    write_text(out / "table.md", f"{split}\n\n{result['table']}\n")
     _write_json(out / "unlearning.json", result)
     return result
