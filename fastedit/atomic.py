@@ -92,6 +92,9 @@ def is_occupied(folder: Path) -> bool:
 def check_writable(folder: str | Path, what: str = "output") -> Path:
     """Create ``folder`` (and parents) and prove a file can be written there; a clear error otherwise."""
     folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise OutputError(f"cannot write {what} to {str(folder)!r}: {str(blocking)!r} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)

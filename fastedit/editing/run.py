@@ -27,6 +27,7 @@ from fastedit.atomic import atomic_folder, check_new_path, check_writable, is_oc
 from fastedit.config import config_to_dict
 from fastedit.errors import ConfigError, OutputError
 from fastedit.models import DEFAULT_MODEL
+from fastedit.stats.corpus import check_local_corpus
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     # Everything checkable without the model fails here, before the slow part.
     dm = parse_dm(options.dm)
     explicit_hp = _hparams_before_loading(options)
+    check_local_corpus(options.corpus)
     parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)
     out = check_outputs(options)
 

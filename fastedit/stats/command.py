@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastedit.arch import arch_for
+from fastedit.stats.corpus import check_local_corpus
 from fastedit.stats.errors import StatsError
 from fastedit.stats.keystats import KeyStats, condition_number
 from fastedit.stats.layers import check_layer_list, default_layers, layers_from_hparams
@@ -63,6 +64,7 @@ def precompute(
     if layers is not None and hparams is not None:
         raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
     parse_dm(dm)
+    check_local_corpus(corpus)
     if layers is not None:
         layers, source = check_layer_list(layers), "--layers"
     elif hparams is not None:

@@ -347,6 +347,13 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
+def check_local_corpus(corpus: str | None) -> None:
+    """Validate a local corpus file/folder (exists, known format, not binary) without a model: lets commands fail
+    before the model loads. Other corpora (None, 'model', dataset names) are resolved later."""
+    if corpus is not None and str(corpus).strip() and corpus != MODEL_CORPUS and _looks_like_path(str(corpus)):
+        local_corpus(str(corpus))
+
+
 def resolve_corpus(corpus: str | None, model: Any, tokenizer: Any) -> Corpus:
     """A local file/folder, ``model``, or a HF dataset name; ``None``: the default HF corpus when the hub is
     reachable, else the local WikiText-2 file (`fastedit.data`), else text sampled from the model (logged, and
