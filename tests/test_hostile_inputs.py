@@ -77,7 +77,7 @@ def _one_line_error(result, *fragments):
 def _patch_file(tmp_path, **kwargs):
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(0)
-    factors = {l: (torch.randn(D_MODEL, 3, generator=g), torch.randn(D_K, 3, generator=g)) for l in (0, 2)}
+    factors = {l: (torch.randn(D_MODEL, 3, generator=g) * 0.01, torch.randn(D_K, 3, generator=g)) for l in (0, 2)}
     patch = make_patch(model, factors, snapshot_weights(model, [0, 2]), method="memit", model="tiny", **kwargs)
     return model, patch.save(tmp_path / "p.safetensors")
 

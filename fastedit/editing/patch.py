@@ -10,7 +10,8 @@ elementwise (P = W + D), so the patched weights, and their hash stored at creati
 Bit-exact revert without a full copy of W: P − D is W except where the addition rounded (where |D| is not small
 next to W, or W + D crosses a power of two). The patch stores only those positions and W's values there (the
 "residue": flat indices into the parameter and the original values, a few percent of the matrix at most), and
-revert computes P − D and writes them back. ``store_originals=True`` stores the full parameter instead.
+revert computes P − D and writes them back. A layer whose residue would be larger than the parameter (ΔW as
+large as W) stores the parameter itself; ``store_originals=True`` does so for every layer.
 
 Verification, before any weight changes (every layer is checked first, then all are written):
 - apply: the layer's dtype is the one the patch was made on (named as a dtype mismatch), its hash is the
@@ -114,6 +115,10 @@ def _residue(spec: ArchSpec, original: torch.Tensor, patched: torch.Tensor, a: t
     index = torch.nonzero(_bits(unpatched) != _bits(original)).reshape(-1)
     index = index.to(torch.int32 if original.numel() < 2**31 else torch.int64).cpu()
     return index, original.detach().reshape(-1)[index.to(original.device).long()].cpu().clone()
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -224,7 +229,8 @@ def make_patch(
 
     ``info`` goes into the metadata (method, model name, hparams, case_ids, stats...). The fingerprint is
     computed from ``originals``, so the model may already be edited when this is called. By default only the
-    revert residue is stored; ``store_originals=True`` keeps a full copy of each original parameter instead.
+    revert residue is stored (or the parameter, when that is smaller); ``store_originals=True`` keeps a full
+    copy of every original parameter.
     """
     spec = arch_for(model)
     layers = sorted(factors)
@@ -234,8 +240,15 @@ def make_patch(
         l: (a.detach().to("cpu", torch.float32), b.detach().to("cpu", torch.float32)) for l, (a, b) in factors.items()
     }
     patched = {l: _patched(spec, originals[l], *clean[l]) for l in layers}
-    kept = {l: originals[l].detach().to("cpu").clone() for l in layers} if store_originals else {}
-    residue = {} if store_originals else {l: _residue(spec, originals[l], patched[l], *clean[l]) for l in layers}
+    kept: dict[int, torch.Tensor] = {}
+    residue: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for l in layers:
+        fix = None if store_originals else _residue(spec, originals[l], patched[l], *clean[l])
+        # A ΔW as large as W touches most entries: then the full copy is the smaller file.
+        if fix is None or _nbytes(*fix) >= _nbytes(originals[l]):
+            kept[l] = originals[l].detach().to("cpu").clone()
+        else:
+            residue[l] = fix
     metadata = {
         "format": PATCH_FORMAT,
         **info,
@@ -243,7 +256,7 @@ def make_patch(
         "ranks": {str(l): int(clean[l][0].shape[1]) for l in layers},
         "dtypes": {str(l): str(originals[l].dtype).removeprefix("torch.") for l in layers},
         "shapes": {str(l): list(originals[l].shape) for l in layers},
-        "revert": "originals" if store_originals else "residue",
+        "revert": {str(l): "original" if l in kept else "residue" for l in layers},
         "fingerprint": {
             "config": config_sha256(model),
             "layers": {str(l): tensor_sha256(originals[l]) for l in layers},
