@@ -91,6 +91,7 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<model>-<method>).")
 @click.option("--save-patch", type=click.Path(dir_okay=False), help="Also write the patch here (.safetensors).")
 @click.option("--save-model", type=click.Path(file_okay=False), help="Write the edited model (save_pretrained).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out run folder and --save-patch file.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip-invalid", is_flag=True, help="Drop invalid records (listed in run.json) instead of failing.")
 @click.option("--fluency", is_flag=True, help="Also measure generation fluency (n-gram entropy; slow).")
@@ -122,9 +123,18 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
     try:
         for part in filter(None, (p.strip() for p in value.split(","))):
             lo, sep, hi = part.partition("-")
-            layers += list(range(int(lo), int(hi) + 1)) if sep and lo else [int(part)]
+            if not sep:
+                layers.append(int(part))
+                continue
+            if not lo or not hi:
+                raise ValueError
+            if int(lo) > int(hi):
+                raise click.BadParameter(f"{value!r}: the range {part} is reversed; write {hi}-{lo}")
+            layers += list(range(int(lo), int(hi) + 1))
     except ValueError:
         raise click.BadParameter(f"{value!r}: use layer indices like 4,5,6 or a range like 4-8") from None
+    if not layers:
+        raise click.BadParameter(f"{value!r} names no layer; use layer indices like 4,5,6 or a range like 4-8")
     return layers
 
 
@@ -273,6 +283,7 @@ def sae() -> None:
 @click.option("--corpus", help="Text corpus: .txt/.jsonl/.parquet file or folder, datasets folder, HF name:config.")
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder at --out.")
 def sae_train_cmd(
     model: str,
     layer: int,
@@ -287,6 +298,7 @@ def sae_train_cmd(
     corpus: str | None,
     forget_topic: str | None,
     out: str,
+    overwrite: bool,
 ) -> None:
     """Train an SAE on MODEL's activations at LAYER and save it to OUT (cfg.json + safetensors)."""
     import json
@@ -307,6 +319,7 @@ def sae_train_cmd(
         lr=lr,
         l1=l1,
         epochs=epochs,
+        overwrite=overwrite,
     )
     result.pop("train", None)
     click.echo(json.dumps(result, indent=2))

@@ -25,3 +25,7 @@ class RequestError(FasteditError):
 
 class PatchError(FasteditError):
     """A patch file that is unreadable, made for another model, or not applied when reverting."""
+
+
+class OutputError(FasteditError):
+    """An output path that cannot be written, or that holds an earlier result not to be overwritten unasked."""

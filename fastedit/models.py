@@ -12,9 +12,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ from typing import Any
 
 import torch
 
-from fastedit.errors import ConfigError, ModelLoadError
+from fastedit.atomic import atomic_folder, write_text, write_with
+from fastedit.errors import ConfigError, ModelLoadError, OutputError
 
 # A missing local path otherwise costs ~23 s of hub retries; hub ids switch this off explicitly when reachable.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,14 +68,7 @@ def _assemble_chunks(pm: PackagedModel) -> Path:
     target = cache_dir() / "gguf" / pm.gguf_name
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        module.assemble(tmp, overwrite=True)  # checks the sha256 of the joined file
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return write_with(target, lambda tmp: module.assemble(tmp, overwrite=True))  # checks the joined file's sha256
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -218,6 +210,24 @@ def _folder_config(folder: Path, trust_remote_code: bool) -> Any:
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.msgpack")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+
+
+def _check_folder_files(folder: Path) -> None:
+    """A saved model folder has weights and tokenizer files next to config.json (named, not a traceback)."""
+    missing = []
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json + vocabulary)")
+    if missing:
+        raise ModelLoadError(
+            f"model folder {str(folder)!r} has no {' and no '.join(missing)}; save both the model and its "
+            "tokenizer there (model.save_pretrained(folder); tokenizer.save_pretrained(folder))"
+        )
+
+
 def _gguf_config(path: Path) -> Any:
     from transformers import AutoConfig
 
@@ -318,21 +328,15 @@ def _convert_packaged(alias: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=folder.parent))
+    source = {"alias": alias, "package": PACKAGED[alias].package, "gguf": PACKAGED[alias].gguf_name}
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "fastedit_source.json").write_text(
-            json.dumps({"alias": alias, "package": PACKAGED[alias].package, "gguf": PACKAGED[alias].gguf_name})
-        )
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process converted it meanwhile
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_text(tmp / "fastedit_source.json", json.dumps(source))
+    except OutputError:  # another process converted it meanwhile
+        if not (folder / "config.json").exists():
+            raise
     log.info("converted %s to %s", alias, folder)
     return folder
 
@@ -390,10 +394,17 @@ def load_model(
     if src.kind == "folder":
         folder = Path(src.location)
         _folder_config(folder, trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, **placement
-        )
+        _check_folder_files(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code, **placement
+            )
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # transformers' many types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"cannot load the model folder {str(folder)!r}: {reason}") from None
     elif src.kind == "gguf":
         model, tokenizer = _load_gguf(Path(src.location), dtype)
     else:

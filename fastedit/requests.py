@@ -298,7 +298,12 @@ def load_requests(
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"request file {str(path)!r} does not exist; pass a CounterFact, zsRE or plain JSON file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); save the request file as UTF-8 JSON"
+        ) from None
     try:
         if path.suffix == ".jsonl":
             records: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -312,6 +317,46 @@ def load_requests(
             raise RequestError(f"n must be at least 1, got {n}")
         parsed = ParsedRequests(parsed.requests[:n], parsed.layout, parsed.skipped)
     return parsed
+
+
+# Tokens a prompt may need beyond its own: v*'s context prefixes (context_length ≤ 10 by default) and BOS.
+CONTEXT_MARGIN = 16
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer packs more characters into one token in practice
+
+
+def _texts(request: EditRequest) -> list[tuple[str, str]]:
+    """(what, text) of every sequence the editors and the evaluation feed the model for ``request``."""
+    new = " " + request.target_new
+    texts = [("prompt", request.rewrite_prompt() + new)]
+    texts += [(f"paraphrase {i}", p + new) for i, p in enumerate(request.paraphrases)]
+    texts += [(f"neighbourhood prompt {i}", p + " " + (request.target_true or "")) for i, p in
+              enumerate(request.neighborhood_prompts)]  # fmt: skip
+    texts += [(f"generation prompt {i}", p) for i, p in enumerate(request.generation_prompts)]
+    return texts
+
+
+def check_request_lengths(requests: Sequence[EditRequest], tokenizer: Any, max_positions: int | None) -> None:
+    """Every text of every request fits the model's positions (with room for v*'s context prefix).
+
+    Called once the tokenizer is known and before any v* work: a 10 MB prompt otherwise asks for logits of
+    (tokens × vocabulary) floats minutes later.
+    """
+    if max_positions is None:
+        return
+    limit = max(1, max_positions - CONTEXT_MARGIN)
+    for request in requests:
+        for what, text in _texts(request):
+            if len(text) > CHARS_PER_TOKEN_BOUND * max_positions:
+                size = f"{len(text):,} characters"
+            else:
+                n = len(tokenizer(text, add_special_tokens=False).input_ids)
+                if n <= limit:
+                    continue
+                size = f"{n:,} tokens"
+            raise RequestError(
+                f"request {request.case_id!r}: its {what} is {size} long, but the model takes at most "
+                f"{max_positions} positions ({limit} after v*'s context prefix); shorten it or drop the request"
+            )
 
 
 def as_requests(requests: Any) -> list[EditRequest]:

@@ -7,14 +7,13 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import D_K, D_MODEL, tiny_model
 
-from fastedit.arch import arch_for, mlp_out_matrix
+from fastedit.arch import arch_for, mlp_out_matrix, snapshot_mlp_out
 from fastedit.editing.patch import (
     Patch,
     apply_patch,
     make_patch,
     model_fingerprint,
     revert_patch,
-    snapshot_weights,
 )
 from fastedit.errors import PatchError
 
@@ -35,7 +34,9 @@ def _assert_same(model, state):
 def _random_patch(model, rank=3, seed=0, **info):
     g = torch.Generator().manual_seed(seed)
     factors = {l: (torch.randn(D_MODEL, rank, generator=g), torch.randn(D_K, rank, generator=g) * 0.1) for l in LAYERS}
-    return make_patch(model, factors, snapshot_weights(model, LAYERS), method="memit", model="tiny", **info)
+    return make_patch(
+        model, factors, snapshot_mlp_out(model, arch_for(model), LAYERS), method="memit", model="tiny", **info
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear and GPT-2's transposed Conv1D
@@ -132,9 +133,9 @@ def test_smollm2_patch_is_refused_on_gemma(smollm2, gemma3, tmp_path):
     d_model, d_k = spec.d_model(model.config), spec.d_k(model.config)
     g = torch.Generator().manual_seed(0)
     factors = {4: (torch.randn(d_model, 1, generator=g) * 1e-3, torch.randn(d_k, 1, generator=g))}
-    path = make_patch(model, factors, snapshot_weights(model, [4]), method="memit", model="smollm2-135m").save(
-        tmp_path / "p.safetensors"
-    )
+    path = make_patch(
+        model, factors, snapshot_mlp_out(model, arch_for(model), [4]), method="memit", model="smollm2-135m"
+    ).save(tmp_path / "p.safetensors")
     gemma, _ = gemma3
     before = mlp_out_matrix(gemma, arch_for(gemma), 4).clone()
     with pytest.raises(PatchError, match=r"shape|another model"):
@@ -144,3 +145,41 @@ def test_smollm2_patch_is_refused_on_gemma(smollm2, gemma3, tmp_path):
     apply_patch(model, path)
     revert_patch(model, path)
     assert torch.equal(mlp_out_matrix(model, spec, 4), state)
+
+
+def test_revert_data_is_a_small_residue_by_default_and_full_originals_on_request(tmp_path):
+    model = tiny_model("llama")
+    before, snapshot = _state(model), snapshot_mlp_out(model, arch_for(model), LAYERS)
+    small_delta = {l: (a * 1e-3, b) for l, (a, b) in _random_patch(model).factors.items()}
+    default = make_patch(model, small_delta, snapshot)
+    full = make_patch(model, small_delta, snapshot, store_originals=True)
+    huge = make_patch(model, {l: (a * 1000, b) for l, (a, b) in small_delta.items()}, snapshot)  # ΔW >> W
+    assert not default.originals and set(full.originals) == set(LAYERS) == set(huge.originals)
+    paths = [p.save(tmp_path / f"{i}.safetensors") for i, p in enumerate((default, full, huge))]
+    assert paths[0].stat().st_size < paths[1].stat().st_size / 2
+    assert paths[2].stat().st_size <= paths[1].stat().st_size  # never larger than the full copy
+    for path in paths:
+        apply_patch(model, path)
+        revert_patch(model, path)
+        _assert_same(model, before)
+
+
+def test_patches_of_the_first_format_still_apply_and_revert(tmp_path):
+    """Format 1 stored the full original matrix and no shapes/dtypes in its metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    before = _state(model)
+    path = make_patch(
+        model, _random_patch(model).factors, snapshot_mlp_out(model, arch_for(model), LAYERS), store_originals=True
+    ).save(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["fastedit_patch"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = {k: v for k, v in meta.items() if k not in ("shapes", "dtypes", "revert")} | {"format": "fastedit-patch/1"}
+    save_file(tensors, str(path), metadata={"fastedit_patch": json.dumps(meta)})
+    apply_patch(model, path)
+    revert_patch(model, path)
+    _assert_same(model, before)

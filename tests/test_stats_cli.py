@@ -46,7 +46,7 @@ def test_precompute_cli_writes_then_hits_the_cache(tiny_folder, tmp_path):
 
 def test_precompute_cli_layer_ranges_and_hparams(tiny_folder, tmp_path):
     hp = tmp_path / "hp.json"
-    hp.write_text('{"layers": [1]}')
+    hp.write_text('{"method": "memit", "layers": [1], "clamp_norm_factor": 4.0, "v_weight_decay": 0.001}')
     common = ["--model", str(tiny_folder), "--dm", "1", "--corpus", str(WIKITEXT), "--seq-len", "32"]
     result = _run(*common, "--hparams", str(hp), "--out", str(tmp_path / "a"))
     assert result.exit_code == 0 and "layers 1 (" in result.stdout

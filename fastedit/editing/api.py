@@ -19,7 +19,7 @@ from fastedit.editing.easyedit import requests_from_keywords
 from fastedit.editing.patch import Patch, apply_factors, make_patch
 from fastedit.errors import ConfigError
 from fastedit.evaluation.metrics import Metrics, evaluate_requests
-from fastedit.requests import EditRequest, as_requests
+from fastedit.requests import EditRequest, as_requests, check_request_lengths
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ def edit(
     from fastedit.models import model_name as loaded_name
 
     reqs = as_requests(requests_from_keywords(requests, easyedit))
+    check_request_lengths(reqs, tokenizer, arch_for(model).max_positions(model.config))  # before any v* work
     name = model_name or loaded_name(model)
     hp = resolve_hparams(model, method, hparams)
     check_layers(hp, arch_for(model).n_layers(model.config))

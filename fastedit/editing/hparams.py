@@ -8,6 +8,7 @@ after the model (``hparams/memit/smollm2-135m.json``), then the family file (``h
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,17 +101,32 @@ class EditHparams:
         return dataclasses.replace(self, **changes)
 
 
+def _name_key(name: str) -> str:
+    """A model name as a file stem: its last path part only (a hub id's repo name, a folder's base name), so a
+    name never selects a file outside the hparams folder (``/some/dir`` must not read ``/some/dir.json``)."""
+    base = Path(name.rstrip("/\\")).name
+    return "" if base in ("", ".", "..") else base.lower()
+
+
+def _family_of_path(name: str) -> str | None:
+    """The model_type in a local model folder's config.json (None when it is not a readable folder)."""
+    config = Path(name).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    family = raw.get("model_type") if isinstance(raw, dict) else None
+    return family if isinstance(family, str) and family else None
+
+
 def _model_keys(model_or_family: Any) -> tuple[list[str], str | None]:
-    """Candidate file stems: model-specific names first, then the family (model_type)."""
+    """Candidate file stems: the model's name first, then the family (model_type)."""
     if isinstance(model_or_family, str):
-        name = model_or_family
-        return [name.lower(), name.rstrip("/").split("/")[-1].lower()], None
+        return [_name_key(model_or_family)], _family_of_path(model_or_family)
     from fastedit.arch import arch_for
     from fastedit.models import model_name
 
-    name = model_name(model_or_family)
-    family = arch_for(model_or_family).model_type
-    return [name.lower(), name.rstrip("/").split("/")[-1].lower()], family
+    return [_name_key(model_name(model_or_family))], arch_for(model_or_family).model_type
 
 
 def hparams_path(method: str, model_or_family: Any) -> Path:
@@ -121,7 +137,7 @@ def hparams_path(method: str, model_or_family: Any) -> Path:
     folder = HPARAMS_DIR / method
     for stem in [*names, *([family] if family else [])]:
         candidate = folder / f"{stem}.json"
-        if stem and candidate.is_file():
+        if stem and candidate.parent == folder and candidate.is_file():
             return candidate
     available = sorted(p.stem for p in folder.glob("*.json"))
     wanted = names[-1] + (f" (family {family})" if family else "")

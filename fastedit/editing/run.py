@@ -1,8 +1,12 @@
 """`fastedit edit FILE`: load the model and requests, edit, evaluate, and write the run folder.
 
 The run folder holds metrics.json (pre/post summary, n, method, model, timings), cases.jsonl (per case),
-patch.safetensors and run.json (resolved options, hparams, stats provenance, versions). Every file is written
-to a temp file and renamed, so a crash never leaves a half-written output.
+patch.safetensors and run.json (resolved options, hparams, stats provenance, versions). The folder is written
+as one unit (a temp folder renamed into place at the end): an interrupted run leaves nothing at ``--out``.
+
+Everything that can be checked without the model is checked before it loads: the options, the hparams file,
+the request file, and that ``--out`` / ``--save-patch`` / ``--save-model`` can be written and hold no earlier
+result (replaced only with ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -12,17 +16,18 @@ import logging
 import os
 import platform
 import re
-import shutil
-import tempfile
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fastedit.atomic import atomic_folder, check_new_path, check_writable, is_occupied, write_text
 from fastedit.config import config_to_dict
-from fastedit.errors import ConfigError
+from fastedit.errors import ConfigError, OutputError
 from fastedit.models import DEFAULT_MODEL
+from fastedit.stats.corpus import check_corpus
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,9 @@ class EditRunOptions:
     dm: str = "10"  # keys per layer N = dm·d_k, or "full"
     corpus: str | None = None  # covariance corpus (see fastedit.stats.ensure_stats)
     stats_dir: str | None = None  # covariance cache folder (default: the fastedit cache)
-    out: str | None = None  # run folder (default: runs/<timestamp>-<model>-<method>)
+    out: str | None = None  # run folder (default: runs/<time>-<model>-<method>-<pid><random>)
     save_patch: str | None = None  # an extra copy of the patch
+    overwrite: bool = False  # replace an existing --out run folder / --save-patch file
     save_model: str | None = None  # save_pretrained of the edited model
     seed: int = 0
     skip_invalid: bool = False  # drop invalid request records instead of failing
@@ -63,41 +69,20 @@ class EditRunReport:
 
 
 def parse_dm(value: str | float) -> float | str:
-    """ "full", or a positive number of keys per key dimension (d_m)."""
-    if isinstance(value, str) and value.strip().lower() == "full":
+    """ "full", or a finite positive number of keys per key dimension (d_m)."""
+    from fastedit.stats.precompute import parse_dm as parse_stats_dm
+
+    dm = parse_stats_dm(value)
+    if dm is None:
         return "full"
-    try:
-        dm = float(value)
-    except ValueError:
-        raise ConfigError(f"--dm {value!r} is neither a number nor 'full'") from None
-    if dm <= 0:
-        raise ConfigError(f"--dm must be positive, got {value}")
     return int(dm) if dm.is_integer() else dm
 
 
 def default_out(model: str, method: str, root: str | Path = "runs") -> Path:
+    """runs/<date-time.microseconds>-<model>-<method>-<pid><random>: two runs never share a folder."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model.rstrip("/")).name or model).strip("-") or "model"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{stamp}-{slug}-{method}"
-
-
-def _file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; give the file the usual umask-based mode
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return Path(root) / f"{stamp}-{slug}-{method}-{os.getpid()}{secrets.token_hex(2)}"
 
 
 def _json(data: Any) -> str:
@@ -152,16 +137,34 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def _save_model(model: Any, tokenizer: Any, folder: Path) -> None:
     """save_pretrained into a temp folder next to ``folder``, then rename it into place."""
-    if folder.exists():
-        raise ConfigError(f"--save-model folder {str(folder)!r} already exists; choose a new folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_outputs(options: EditRunOptions) -> Path:
+    """The run folder (chosen now), after proving every output can be written and replaces nothing unasked."""
+    out = Path(options.out) if options.out else default_out(options.model, options.method)
+    if is_occupied(out) and not options.overwrite:
+        held = "already holds a run" if (out / "metrics.json").exists() else "already exists and is not empty"
+        raise OutputError(f"run folder {str(out)!r} {held}; choose another --out or pass --overwrite")
+    check_writable(out.parent, "the run folder")
+    if options.save_patch:
+        check_new_path(options.save_patch, "--save-patch file", overwrite=options.overwrite)
+    if options.save_model:
+        if Path(options.save_model).exists():
+            raise OutputError(f"--save-model folder {options.save_model!r} already exists; choose a new folder")
+        check_writable(Path(options.save_model).parent, "--save-model")
+    return out
+
+
+def _hparams_before_loading(options: EditRunOptions) -> Any:
+    """An explicit --hparams file, loaded and validated strictly (None: looked up once the model is known)."""
+    if options.hparams is None:
+        return None
+    from fastedit.editing.hparams import load_hparams
+
+    return load_hparams(options.method, None, options.hparams)
 
 
 def _targets_folder(options: EditRunOptions) -> Path | None:
@@ -186,14 +189,13 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     if options.method not in METHODS:
         raise ConfigError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     start = time.perf_counter()
+    # Everything checkable without the model fails here, before the slow part.
     placement(options.device, options.dtype)  # a bad --device/--dtype fails before anything loads
     dm = parse_dm(options.dm)
-    parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)  # fail before loading
-    out = Path(options.out) if options.out else default_out(options.model, options.method)
-    if (out / "metrics.json").exists():
-        raise ConfigError(f"run folder {str(out)!r} already holds a run; choose another --out")
-    if options.save_model and Path(options.save_model).exists():
-        raise ConfigError(f"--save-model folder {options.save_model!r} already exists; choose a new folder")
+    explicit_hp = _hparams_before_loading(options)
+    check_corpus(options.corpus)
+    parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)
+    out = check_outputs(options)
 
     t = time.perf_counter()
     device, dtype = placement(options.device, options.dtype)
@@ -201,7 +203,7 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         options.model, device=device, dtype=dtype, trust_remote_code=options.trust_remote_code
     )
     load_seconds = time.perf_counter() - t
-    hp = load_hparams(options.method, model, options.hparams)
+    hp = explicit_hp or load_hparams(options.method, model)
     outcome = edit(
         model,
         tokenizer,
@@ -222,10 +224,6 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     timings = {"load_model": load_seconds, **outcome.info["timings"]}
     timings["edit_per_request"] = timings["edit"] / len(parsed.requests)
 
-    out.mkdir(parents=True, exist_ok=True)
-    outcome.save_patch(out / "patch.safetensors")
-    if options.save_patch:
-        outcome.save_patch(options.save_patch)
     cases = []
     for request, pre, post in zip(parsed.requests, outcome.pre.cases, outcome.post.cases, strict=True):
         cases.append(
@@ -239,26 +237,17 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
                 "post": {k: v for k, v in post.items() if k != "case_id"},
             }
         )
-    write_atomic(out / "cases.jsonl", "".join(json.dumps(c, default=str) + "\n" for c in cases))
-    write_atomic(
-        out / "run.json",
-        _json(
-            {
-                "options": asdict(options),
-                "dm": dm,
-                "layout": parsed.layout,
-                "skipped_records": parsed.skipped,
-                "hparams": config_to_dict(hp),
-                "stats": outcome.info["stats"],
-                "engine": outcome.info["batches"],
-                "versions": _versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-        ),
-    )
-    if options.save_model:
-        _save_model(model, tokenizer, Path(options.save_model))
-    timings["total"] = time.perf_counter() - start
+    run_record = {
+        "options": asdict(options),
+        "dm": dm,
+        "layout": parsed.layout,
+        "skipped_records": parsed.skipped,
+        "hparams": config_to_dict(hp),
+        "stats": outcome.info["stats"],
+        "engine": outcome.info["batches"],
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     metrics = {
         "model": options.model,
         "method": options.method,
@@ -270,5 +259,14 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         "post": outcome.post.summary,
         "timings": timings,
     }
-    write_atomic(out / "metrics.json", _json(metrics))  # last: its presence marks a complete run
+    timings["total"] = time.perf_counter() - start
+    with atomic_folder(out, overwrite=options.overwrite) as folder:  # all four files, or none
+        outcome.save_patch(folder / "patch.safetensors")
+        write_text(folder / "cases.jsonl", "".join(json.dumps(c, default=str) + "\n" for c in cases))
+        write_text(folder / "run.json", _json(run_record))
+        write_text(folder / "metrics.json", _json(metrics))
+    if options.save_patch:  # checked before loading; refused here only if it appeared meanwhile
+        outcome.patch.save(options.save_patch, overwrite=options.overwrite)
+    if options.save_model:
+        _save_model(model, tokenizer, Path(options.save_model))
     return EditRunReport(out, metrics, format_table(metrics) + f"\noutputs: {out}")

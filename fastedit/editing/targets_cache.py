@@ -12,17 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fastedit.arch import arch_for, mlp_out_param
+from fastedit.atomic import save_safetensors, write_text
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.values import ValueResult, values_key
 from fastedit.requests import EditRequest
@@ -96,14 +95,8 @@ def save_targets(folder: str | Path, key: str, values: ValueResult) -> Path:
     tensors = {"init": values.init, "targets": values.targets}
     tensors["delta"] = values.delta if values.delta is not None else values.targets - values.init
     meta = {"info": values.info, "contexts": values.contexts, "values_key": values.key}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh)
-    os.replace(tmp, path.with_suffix(".json"))
+    save_safetensors(path, {k: v.detach().float() for k, v in tensors.items()})
+    write_text(path.with_suffix(".json"), json.dumps(meta))
     return path
 
 

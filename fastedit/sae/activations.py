@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from fastedit.arch import arch_for, capture
+from fastedit.atomic import save_safetensors
 from fastedit.data import WIKITEXT_ENV, default_wikitext
 from fastedit.errors import FasteditError
 from fastedit.models import cache_dir, model_name
@@ -208,13 +206,7 @@ def cached_activations(
     chunks = list(stream_activations(model, tokenizer, corpus, layer, site=site, context=context, max_tokens=tokens))
     acts = torch.cat(chunks)
     dtype = torch.float16 if acts.abs().max() < 60_000 else torch.float32
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"activations": acts.to(dtype).contiguous()}, tmp, metadata={"model": model_name(model)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    save_safetensors(path, {"activations": acts.to(dtype)}, {"model": model_name(model)})
     log.info("cached %d activations at %s", len(acts), path)
     return path
 

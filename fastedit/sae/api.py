@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from fastedit.errors import FasteditError
+from fastedit.atomic import check_writable, is_occupied
+from fastedit.errors import FasteditError, OutputError
 from fastedit.models import load_model, model_name
 from fastedit.sae.activations import (
     ShufflingBuffer,
@@ -90,17 +91,22 @@ def train_sae(
     eval_tokens: int = 20_000,
     ce_windows: int = 8,
     activation_cache: str | Path | None = None,
+    overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train one SAE at ``layer`` on ``tokens`` corpus activations (cached and reused) and save it to ``out``.
 
     ``width`` defaults to 8 × d_in. ``overrides`` set `TrainConfig` fields (k, l1, lr, epochs, ...).
     ``forget_topic`` (or explicit ``forget_texts``) feeds the variants' forget objectives with the CounterFact
-    topic's statements (see `questions.py`). Returns the metrics recorded in cfg.json.
+    topic's statements (see `questions.py`). Returns the metrics recorded in cfg.json. An existing SAE folder
+    at ``out`` is refused (before any work) unless ``overwrite``.
     """
     if arch not in ARCHS:
         raise FasteditError(f"unknown SAE arch {arch!r}; choose one of {', '.join(ARCHS)}")
     check_sae_corpus(corpus)
+    if is_occupied(Path(out)) and not overwrite:
+        raise OutputError(f"SAE folder {str(out)!r} already exists; choose another --out or pass --overwrite")
+    check_writable(Path(out).parent, "the SAE folder")
     model, tokenizer = _model(model, tokenizer)
     from fastedit.arch import arch_for
 
@@ -147,9 +153,8 @@ def train_sae(
     info.metrics = evaluate_sae(
         model, tokenizer, result.sae, info, corpus=corpus, tokens=eval_tokens, ce_windows=ce_windows
     )
-    save_sae(
-        result.sae, info, out, result.stats["sparsity"], {k: v for k, v in result.stats.items() if k != "sparsity"}
-    )
+    extra = {k: v for k, v in result.stats.items() if k != "sparsity"}
+    save_sae(result.sae, info, out, result.stats["sparsity"], extra, overwrite=overwrite)
     log.info("saved %s SAE to %s: %s", arch, out, info.metrics)
     return {"out": str(out), "arch": arch, "width": width, "layer": layer, **info.metrics, **{"train": result.log}}
 

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from fastedit.atomic import atomic_folder, save_safetensors, write_text
 from fastedit.errors import FasteditError
 from fastedit.models import hub_model_id
 from fastedit.sae.model import SAE, SAEConfig
@@ -65,31 +64,6 @@ class SAEInfo:
     @property
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_{self.site}"
-
-
-def file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.chmod(tmp, file_mode())  # mkstemp creates 0600; finished files get the usual permissions
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -173,19 +147,29 @@ def write_sae_files(
 ) -> None:
     """Write the four files into an existing ``folder`` (``cfg.json`` last: without it a folder is incomplete)."""
     meta, state = fastedit_state(sae, info, extra)
-    _atomic_safetensors(folder / WEIGHTS_FILE, saelens_tensors(sae))
-    _atomic_safetensors(folder / SPARSITY_FILE, {"sparsity": sparsity.detach().float()})
-    _atomic_safetensors(folder / STATE_FILE, state, metadata={_STATE_META: json.dumps(meta, default=str)})
-    _atomic_json(folder / CFG_FILE, saelens_cfg(sae, info))
+    save_safetensors(folder / WEIGHTS_FILE, saelens_tensors(sae))
+    save_safetensors(folder / SPARSITY_FILE, {"sparsity": sparsity.detach().float()})
+    save_safetensors(folder / STATE_FILE, state, metadata={_STATE_META: json.dumps(meta, default=str)})
+    write_text(folder / CFG_FILE, json.dumps(saelens_cfg(sae, info), indent=2))
 
 
 def save_sae(
-    sae: SAE, info: SAEInfo, folder: str | Path, sparsity: torch.Tensor, extra: dict[str, torch.Tensor] | None = None
+    sae: SAE,
+    info: SAEInfo,
+    folder: str | Path,
+    sparsity: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the SAELens layout into ``folder``; ``sparsity`` = log10 firing frequency per feature (d_sae,)."""
+    """Write the SAELens layout into ``folder``; ``sparsity`` = log10 firing frequency per feature (d_sae,).
+
+    The files are written into a temp folder renamed into place at the end (an interrupt leaves ``folder``
+    as it was); an existing non-empty ``folder`` is replaced only with ``overwrite``.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_sae_files(sae, info, folder, sparsity, extra)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        write_sae_files(sae, info, tmp, sparsity, extra)
     return folder
 
 
@@ -199,8 +183,8 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
             "(expected cfg.json + sae_weights.safetensors [+ sparsity.safetensors])"
         )
     try:
-        cfg = json.loads((folder / CFG_FILE).read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads((folder / CFG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SAEFormatError(f"{folder}/cfg.json is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{folder}/cfg.json must hold a mapping")
@@ -274,7 +258,7 @@ def load_sae(folder: str | Path) -> tuple[SAE, SAEInfo]:
     folder = Path(folder)
     cfg = _read_cfg(folder)
     layer, site = parse_hook(str(cfg.get("hook_name", "")), f"{folder}/cfg.json")
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    weights = _read_tensors(folder / WEIGHTS_FILE)
     state = _read_state(folder)
     legacy = cfg.get("fastedit") if isinstance(cfg.get("fastedit"), dict) else None  # fastedit < SAELens-6 layout
     ours: dict[str, Any] = state[0] if state else (legacy or {})
@@ -351,12 +335,19 @@ def _load_saelens(folder: Path, cfg: dict[str, Any], weights: dict[str, torch.Te
     return sae.eval().requires_grad_(False)
 
 
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise SAEFormatError(f"{path} is not a readable safetensors file ({exc}); re-train or re-save it") from None
+
+
 def load_sparsity(folder: str | Path) -> dict[str, torch.Tensor]:
     """``sparsity`` (log10 firing frequency) and fastedit's extra per-feature statistics, when present."""
     folder = Path(folder)
     out: dict[str, torch.Tensor] = {}
     if (folder / SPARSITY_FILE).exists():
-        out.update(load_file(str(folder / SPARSITY_FILE)))
+        out.update(_read_tensors(folder / SPARSITY_FILE))
     state = _read_state(folder)
     if state is not None:
         out.update({k.removeprefix("stats."): v for k, v in state[1].items() if k.startswith("stats.")})

@@ -34,8 +34,6 @@ import itertools
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,12 +43,13 @@ from typing import Any
 import torch
 
 from fastedit.arch import arch_for, edit_output, mlp_out_param
+from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
 from fastedit.sae.activations import check_sae_corpus, default_wikitext, hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
-from fastedit.sae.io import SAEInfo, file_mode, load_sae
+from fastedit.sae.io import SAEInfo, load_sae
 from fastedit.sae.model import SAE
 from fastedit.sae.questions import Question, QuestionSets, build_question_sets, make_probe, score_in_batches
 
@@ -409,11 +408,7 @@ def _request(q: Question, cls: Any) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 TABLE_COLUMNS = (
@@ -480,12 +475,8 @@ def plot_rows(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, path)
 
 
 OUTPUTS = ("unlearning.json", "table.md", "unlearning.png")
@@ -590,11 +581,6 @@ def run_unlearning(
         "seconds": {"question_selection": round(select_s, 1), "total": round(time.perf_counter() - t0, 1)},
     }
     plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {summary}")
-    md = out / "table.md"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(f"{note}\n\n{result['table']}\n")
-    os.chmod(tmp, file_mode())
-    os.replace(tmp, md)
+    write_text(out / "table.md", f"{note}\n\n{result['table']}\n")
     _write_json(out / "unlearning.json", result)
     return result

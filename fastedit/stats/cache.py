@@ -4,26 +4,38 @@ A file holds ``mean`` (C0, float64, (d_k, d_k)) and ``count`` (N), plus string m
 layer fingerprints, layer, module path, d_k, dtypes, corpus id, seed, d_m, seq_len, fastedit version, κ(C0).
 A partial file (``*.partial.safetensors``) holds the running ``sum`` of an interrupted run for ``--resume``.
 
+Reading checks what the editors rely on: ``mean`` is a finite, symmetric (d_k, d_k) matrix and ``count`` a positive
+integer; anything else is refused with a message to delete the file, never reported as a cache hit.
+Computing takes an exclusive lock (``flock`` on ``<file>.lock``): a second process asking for the same
+statistics waits, then finds them cached instead of computing them again.
+
 The layer fingerprint hashes the layer's MLP *input* projections, which determine the key, and not ``mlp_out``,
 which editors change: statistics stay valid for a model edited in place, and are refused for another model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from fastedit import atomic
 from fastedit.arch import ArchSpec
+from fastedit.errors import OutputError
 from fastedit.stats.corpus import slugify
 from fastedit.stats.errors import StatsCacheError, StatsError
 from fastedit.stats.keystats import KeyStats
+
+log = logging.getLogger(__name__)
 
 FORMAT = "fastedit-keystats/1"
 # Config entries that do not change the computation (names, paths, versions, dtype bookkeeping).
@@ -77,23 +89,42 @@ def stats_path(folder: Path, slug: str, layer: int, run_tag: str, partial: bool 
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there, before any work is done."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise StatsError(
-            f"cannot write statistics to {str(folder)!r} ({exc.strerror or exc}); pass --out to a writable folder"
-        ) from None
+        atomic.check_writable(folder, "statistics")
+    except OutputError as exc:
+        raise StatsError(f"{exc}; pass --out to a writable folder") from None
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    atomic.save_safetensors(path, tensors, metadata)
+
+
+@contextlib.contextmanager
+def compute_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock``, waiting while another process holds it.
+
+    The holder deletes the lock file before releasing it (no file is left behind); a waiter that then gets the
+    lock of the deleted file notices (its inode is no longer the path's) and locks the current file instead.
+    """
+    lock = path.with_name(path.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is computing %s; waiting for it", path.name)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the holder deleted this file before releasing it: lock the new one
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        yield
     finally:
-        tmp.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)
+        os.close(fd)  # closing releases the lock
 
 
 def write_stats(stats: KeyStats, path: Path) -> None:
@@ -118,9 +149,31 @@ def _open(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 def read_stats(path: Path) -> KeyStats:
     meta, tensors = _open(path)
-    if meta.get("format") != FORMAT or "mean" not in tensors:
+    if meta.get("format") != FORMAT or "mean" not in tensors or "count" not in tensors:
         raise StatsCacheError(f"{path} is not a fastedit statistics file (format {meta.get('format')!r})")
-    return KeyStats(int(meta["layer"]), tensors["mean"], int(tensors["count"][0]), meta)
+    mean, count = tensors["mean"], tensors["count"]
+    bad = _check_content(mean, count, meta)
+    if bad:
+        raise StatsCacheError(f"statistics file {path} is damaged ({bad}); delete it and run again to recompute it")
+    return KeyStats(int(meta["layer"]), mean, int(count[0]), meta)
+
+
+def _check_content(mean: torch.Tensor, count: torch.Tensor, meta: dict[str, str]) -> str | None:
+    """What is wrong with a loaded C0 (None when it is usable)."""
+    d_k = meta.get("d_k", "")
+    if not d_k.isdigit() or not meta.get("layer", "").isdigit():
+        return f"metadata d_k {d_k!r} / layer {meta.get('layer')!r} are not integers"
+    if tuple(mean.shape) != (int(d_k), int(d_k)):
+        return f"C0 has shape {tuple(mean.shape)}, expected ({d_k}, {d_k})"
+    if not mean.is_floating_point():
+        return f"C0 has dtype {mean.dtype}"
+    if count.numel() != 1 or count.is_floating_point() or int(count[0]) < 1:
+        return f"count {count.tolist()} is not a positive integer"
+    if not torch.isfinite(mean).all():
+        return "C0 holds NaN or infinite values"
+    if not torch.allclose(mean, mean.T, rtol=1e-6, atol=1e-12 * float(mean.abs().max())):
+        return "C0 is not symmetric"
+    return None
 
 
 def read_partial(path: Path) -> tuple[torch.Tensor, int, dict[str, str]]:

@@ -10,12 +10,13 @@ from fastedit.arch import arch_for
 from fastedit.stats.corpus import check_corpus
 from fastedit.stats.errors import StatsError
 from fastedit.stats.keystats import KeyStats, condition_number
-from fastedit.stats.layers import default_layers, layers_from_hparams
+from fastedit.stats.layers import check_layer_list, default_layers, layers_from_hparams
 from fastedit.stats.precompute import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_DM,
     DEFAULT_SEQ_LEN,
     LayerInfo,
+    parse_dm,
     run_stats,
     summary_line,
 )
@@ -62,16 +63,19 @@ def precompute(
     """
     from fastedit.models import load_model, placement
 
+    # Everything checkable without the model fails here, before it loads.
     if layers is not None and hparams is not None:
         raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
+    parse_dm(dm)
     check_corpus(corpus)  # a bad corpus fails before the model loads
     where, dtype_ = placement(device, dtype)
     loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
     if layers is not None:
-        source = "--layers"
+        layers, source = check_layer_list(layers), "--layers"
     elif hparams is not None:
         layers, source = layers_from_hparams(hparams), str(hparams)
-    else:
+    loaded, tokenizer = load_model(model)
+    if layers is None:
         layers, source = default_layers(loaded, arch_for(loaded), model)
     log.info("layers %s (from %s)", layers, source)
     run = run_stats(

@@ -6,6 +6,7 @@ hash, a dataset name, the sampling settings) and is recorded in every cache file
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -82,13 +83,37 @@ def shuffled(items: Iterable[Any], rng: random.Random, buffer: int = SHUFFLE_BUF
 
 # ---- local files -----------------------------------------------------------------------------------------
 
+SNIFF_BYTES = 1 << 16  # the start of a text file checked for binary content
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a file whose first chunk is not UTF-8 text (NUL bytes or invalid UTF-8): a binary file would
+    otherwise become statistics of replacement characters."""
+    with path.open("rb") as fh:
+        head = fh.read(SNIFF_BYTES)
+    problem = None
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        problem = f"a NUL byte at offset {nul}"
+    else:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < SNIFF_BYTES)
+        except UnicodeDecodeError as exc:
+            problem = f"invalid UTF-8 at offset {exc.start}"
+    if problem:
+        raise CorpusError(
+            f"corpus file {path} is not UTF-8 text ({problem}): it looks binary; pass a UTF-8 text, JSON lines "
+            "or parquet file"
+        )
+
 
 def _text_documents(path: Path) -> Iterator[str]:
     """Runs of non-blank lines, cut at blank lines or, at a line end, once ``DOC_CHARS`` long: contiguous text
     either way, and a file without blank lines (WikiText has one paragraph per line) still shuffles in chunks."""
+    check_text_file(path)
     lines: list[str] = []
     size = 0
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:  # a stray bad byte later on is replaced
         for line in fh:
             text = line.strip()
             if text:
@@ -116,6 +141,17 @@ def _record_text(record: Any, where: str) -> str | None:
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
+    check_text_file(path)
+    try:
+        yield from _json_records(path)
+    except UnicodeDecodeError as exc:
+        raise CorpusError(
+            f"corpus file {path} is not UTF-8 text (invalid byte {exc.object[exc.start : exc.start + 1]!r}"
+            "); save it as UTF-8"
+        ) from None
+
+
+def _json_records(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8") as fh:
         first = fh.read(1)
         fh.seek(0)
@@ -242,6 +278,9 @@ def local_corpus(location: str) -> Corpus:
         if path.suffix.lower() not in KNOWN_SUFFIXES:
             _file_documents(path)  # raises the unknown-format error
         files = [path]
+    for f in files:  # binary content fails now, before the model's time is spent
+        if f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES:
+            check_text_file(f)
     _check_readable(files, location)
     ident = _short_hash(
         ":".join(f"{f.relative_to(path) if path.is_dir() else f.name}={_file_identity(f)}" for f in files)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastedit.arch import ArchSpec
+from fastedit.config import load_dataclass_file
 from fastedit.errors import ConfigError
 from fastedit.stats.errors import StatsError
 
@@ -32,7 +33,8 @@ def hparams_dirs() -> list[Path]:
 
 
 def layers_from_hparams(path: str | Path) -> list[int]:
-    """The ``layers`` list of an hparams JSON file (read directly; the editors own the full schema)."""
+    """The ``layers`` of an editing hparams file (EasyEdit YAML: its ``layers`` list; JSON: loaded and validated
+    strictly as `EditHparams`)."""
     path = Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):  # EasyEdit hparams
         from fastedit.editing.easyedit import read_yaml
@@ -42,10 +44,17 @@ def layers_from_hparams(path: str | Path) -> list[int]:
         if not isinstance(layers, list) or not layers or not all(isinstance(x, int) for x in layers):
             raise ConfigError(f"hparams file {path} has no layers list of integers; add one or pass --layers")
         return layers
+    from fastedit.editing.hparams import EditHparams
+
+    if not path.is_file():
+        raise ConfigError(f"hparams file {str(path)!r} does not exist; check the path")
+    return list(load_dataclass_file(EditHparams, path).layers)
+
+
+def _layers_of_reference_file(path: Path) -> list[int]:
+    """The ``layers`` list of a shipped hparams file (only the list is read: any method's file will do)."""
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"hparams file {str(path)!r} does not exist; check the path") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"hparams file {path} is not valid JSON ({exc})") from None
     layers = raw.get("layers") if isinstance(raw, dict) else None
@@ -70,7 +79,7 @@ def default_layers(model: Any, spec: ArchSpec, name: str | None = None) -> tuple
         for stem in family_names(spec, name):
             path = folder / f"{stem}.json"
             if path.is_file():
-                layers = layers_from_hparams(path)
+                layers = _layers_of_reference_file(path)
                 if max(layers) < n_layers:
                     return layers, str(path)
                 log.warning("%s names layers %s, beyond this model's %d layers; ignoring it", path, layers, n_layers)
@@ -81,14 +90,23 @@ def default_layers(model: Any, spec: ArchSpec, name: str | None = None) -> tuple
     return list(range(start, min(start + 5, n_layers))), f"generic default ({GENERIC_FRACTION:.0%} of depth)"
 
 
-def check_layers(layers: Any, n_layers: int) -> list[int]:
-    """Sorted unique layer indices, each in [0, n_layers)."""
+def check_layer_list(layers: Any) -> list[int]:
+    """Sorted unique non-negative layer indices (the model's depth is checked once it is known)."""
     try:
         out = sorted({int(x) for x in layers})
     except (TypeError, ValueError):
         raise StatsError(f"layers must be integers, got {layers!r}") from None
     if not out:
         raise StatsError("no layers given; pass --layers 4,5,6 (or an hparams file with a layers list)")
+    negative = [x for x in out if x < 0]
+    if negative:
+        raise StatsError(f"layer(s) {negative} are negative; layer indices start at 0")
+    return out
+
+
+def check_layers(layers: Any, n_layers: int) -> list[int]:
+    """Sorted unique layer indices, each in [0, n_layers)."""
+    out = check_layer_list(layers)
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad:
         raise StatsError(f"layer(s) {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")

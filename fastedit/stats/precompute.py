@@ -5,6 +5,7 @@ N = d_m · d_k keys per layer (arXiv 2506.04226: d_m = 2-10 recovers >= 95% of f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -298,18 +299,25 @@ def run_stats(
 
     expected: dict[int, dict[str, str]] = {}
     run = StatsRun({}, corpus=src, rank=rank_and_world()[0])
-    missing = []
     for layer in layers:
         d_k = int(mlp_out_matrix(model, spec, layer).shape[1])
         expected[layer] = _expected_metadata(model, spec, layer, d_k, name, src, dm_value, seed, seq_len)
-        path = cache.stats_path(folder, slug, layer, tag)
-        if path.exists():
-            stats = cache.read_stats(path)
-            cache.check_matches(stats.metadata, expected[layer], path)
-            run.stats[layer] = stats
-            run.info[layer] = LayerInfo(path, True)
-        else:
-            missing.append(layer)
+
+    def load_cached(wanted: list[int]) -> list[int]:
+        """Load the cached layers of ``wanted`` into ``run``; the ones still missing."""
+        missing = []
+        for layer in wanted:
+            path = cache.stats_path(folder, slug, layer, tag)
+            if path.exists():
+                stats = cache.read_stats(path)
+                cache.check_matches(stats.metadata, expected[layer], path)
+                run.stats[layer] = stats
+                run.info[layer] = LayerInfo(path, True)
+            else:
+                missing.append(layer)
+        return missing
+
+    missing = load_cached(list(layers))
     if missing:
         if not compute:
             raise StatsCacheError(
@@ -317,13 +325,19 @@ def run_stats(
                 f"d_m {dm_tag(dm_value)}); run `fastedit precompute --model {name} --layers "
                 f"{','.join(map(str, missing))}` or pass tokenizer= to compute them"
             )
-        log.info("computing C0 for layer(s) %s from %s (d_m %s)", missing, src.describe, dm_tag(dm_value))
-        stats, info = _compute(
-            model, tokenizer, spec, missing, src, dm_value, seed, seq_len, batch_tokens, folder, slug, tag,
-            expected, resume, progress,
-        )  # fmt: skip
-        run.stats.update(stats)
-        run.info.update(info)
+        cache.check_writable(folder)
+        # One process computes a given set of statistics at a time; the next one waits, then finds them cached.
+        single = rank_and_world()[1] == 1
+        with cache.compute_lock(folder / f"{slug}.{tag}") if single else contextlib.nullcontext():
+            missing = load_cached(missing)
+            if missing:
+                log.info("computing C0 for layer(s) %s from %s (d_m %s)", missing, src.describe, dm_tag(dm_value))
+                stats, info = _compute(
+                    model, tokenizer, spec, missing, src, dm_value, seed, seq_len, batch_tokens, folder, slug, tag,
+                    expected, resume, progress,
+                )  # fmt: skip
+                run.stats.update(stats)
+                run.info.update(info)
     run.stats = {layer: run.stats[layer] for layer in layers}
     for layer in layers:
         log.log(logging.INFO if log_summary else logging.DEBUG, summary_line(run.stats[layer], run.info[layer]))
