@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from fastedit.arch import arch_for, mlp_out_matrix
+from fastedit.arch import arch_for, mlp_out_matrix, snapshot_mlp_out
 from fastedit.editing.hparams import load_hparams
-from fastedit.editing.patch import apply_patch, make_patch, revert_patch, snapshot_weights
+from fastedit.editing.patch import apply_patch, make_patch, revert_patch
 from fastedit.models import load_model
 
 RANK = 40  # 40 edits in one batch give ΔW of rank <= 40
@@ -41,7 +41,7 @@ def random_factors(model, layers: list[int], rel: float) -> dict[int, tuple[torc
 def main() -> None:
     model, _ = load_model("smollm2-135m")
     layers = list(load_hparams("memit", model).layers)
-    originals = snapshot_weights(model, layers)
+    originals = snapshot_mlp_out(model, arch_for(model), layers)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for rel in RELATIVE_SIZES:

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, mlp_out_param, restore_mlp_out, snapshot_mlp_out
 from fastedit.cli import cli
-from fastedit.editing.patch import apply_patch, make_patch, snapshot_weights
+from fastedit.editing.patch import apply_patch, make_patch
 from fastedit.errors import PatchError
 from fastedit.export import apply_to_folder, export_patch, revert_to_folder, write_edited_gguf
 
@@ -35,7 +35,9 @@ def _patch(model, layers_ranks: dict[int, int], scale: float = 0.5, seed: int = 
         layer: (torch.randn(d_model, r, generator=gen) * scale, torch.randn(d_k, r, generator=gen) * scale)
         for layer, r in layers_ranks.items()
     }
-    return make_patch(model, factors, snapshot_weights(model, sorted(factors)), method="memit", model="tiny")
+    return make_patch(
+        model, factors, snapshot_mlp_out(model, arch_for(model), sorted(factors)), method="memit", model="tiny"
+    )
 
 
 def _logits(model, tok) -> torch.Tensor:
@@ -68,7 +70,7 @@ def test_peft_adapter_on_the_unedited_model_gives_the_edited_outputs(tmp_path, f
 def test_apply_and_revert_write_plain_transformers_folders(tmp_path):
     model, _, folder = _saved(tmp_path, "llama")
     patch = _patch(model, {1: 2})
-    original = snapshot_weights(model, [1])[1]
+    original = snapshot_mlp_out(model, arch_for(model), [1])[1]
     apply_to_folder(patch, folder, tmp_path / "edited")
     apply_patch(model, patch)
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
@@ -179,7 +181,7 @@ def test_smollm2_exports_peft_and_gguf_with_the_edit_intact(smollm2, tmp_path):
     model, tok = smollm2
     spec = arch_for(model)
     layers = [4, 5, 6]
-    original = snapshot_weights(model, layers)
+    original = snapshot_mlp_out(model, arch_for(model), layers)
     gen = torch.Generator().manual_seed(0)
     d_model, d_k = spec.d_model(model.config), spec.d_k(model.config)
     factors = {
@@ -192,9 +194,7 @@ def test_smollm2_exports_peft_and_gguf_with_the_edit_intact(smollm2, tmp_path):
         edited = _logits(model, tok)
         edited_w = {l: mlp_out_param(model, spec, l).detach().clone() for l in layers}
     finally:
-        from fastedit.editing.patch import restore_weights
-
-        restore_weights(model, original)
+        restore_mlp_out(model, arch_for(model), original)
 
     out = export_patch(path, "smollm2-135m", tmp_path / "smollm2.gguf", format="gguf")
     src = packaged_gguf("smollm2-135m")

@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import D_K, D_MODEL, TEXT, tiny_config, tiny_model, tiny_tokenizer
 
-from fastedit.arch import arch_for, mlp_out_matrix
+from fastedit.arch import arch_for, mlp_out_matrix, snapshot_mlp_out
 from fastedit.cli import cli
 from fastedit.editing.hparams import HPARAMS_DIR, hparams_path
-from fastedit.editing.patch import Patch, apply_patch, make_patch, revert_patch, snapshot_weights
+from fastedit.editing.patch import Patch, apply_patch, make_patch, revert_patch
 from fastedit.editing.run import default_out
 from fastedit.errors import PatchError
 from fastedit.stats import ensure_stats
@@ -78,7 +78,9 @@ def _patch_file(tmp_path, **kwargs):
     model = tiny_model("llama")
     g = torch.Generator().manual_seed(0)
     factors = {l: (torch.randn(D_MODEL, 3, generator=g) * 0.01, torch.randn(D_K, 3, generator=g)) for l in (0, 2)}
-    patch = make_patch(model, factors, snapshot_weights(model, [0, 2]), method="memit", model="tiny", **kwargs)
+    patch = make_patch(
+        model, factors, snapshot_mlp_out(model, arch_for(model), [0, 2]), method="memit", model="tiny", **kwargs
+    )
     return model, patch.save(tmp_path / "p.safetensors")
 
 

@@ -67,14 +67,13 @@ def precompute(
     if layers is not None and hparams is not None:
         raise StatsError("pass either --layers or --hparams (whose layers are used), not both")
     parse_dm(dm)
-    check_corpus(corpus)  # a bad corpus fails before the model loads
+    check_corpus(corpus)
     where, dtype_ = placement(device, dtype)
-    loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
     if layers is not None:
         layers, source = check_layer_list(layers), "--layers"
     elif hparams is not None:
         layers, source = layers_from_hparams(hparams), str(hparams)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
     if layers is None:
         layers, source = default_layers(loaded, arch_for(loaded), model)
     log.info("layers %s (from %s)", layers, source)
