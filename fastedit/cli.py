@@ -9,8 +9,10 @@ from typing import Any
 import click
 
 from fastedit import __version__
+from fastedit.editing.hparams import METHODS
 from fastedit.errors import FasteditError
 from fastedit.models import DEFAULT_MODEL
+from fastedit.sae.model import ARCHS as SAE_ARCHS
 
 
 class _Group(click.Group):
@@ -79,9 +81,7 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @cli.command("edit")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--model", default=None, help=f"Model alias, hub id, folder or .gguf (default: {DEFAULT_MODEL}).")
-@click.option(
-    "--method", type=click.Choice(["memit", "rome", "emmet", "alphaedit"]), default="memit", show_default=True
-)
+@click.option("--method", type=click.Choice(list(METHODS)), default="memit", show_default=True)
 @click.option("--hparams", type=click.Path(dir_okay=False), help="Hparams JSON (default: hparams/<method>/<model>).")
 @click.option("--n", type=click.IntRange(min=1), help="Edit only the first N valid requests.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Requests per closed-form solve (default: all).")
@@ -269,7 +269,7 @@ def sae() -> None:
 @click.option("--layer", type=int, required=True, help="Residual stream after this block (or its MLP output).")
 @click.option(
     "--arch",
-    type=click.Choice(["relu", "topk", "factor", "featureforget", "hiercontrastive"]),
+    type=click.Choice(list(SAE_ARCHS)),
     default="topk",
     show_default=True,
 )

@@ -25,13 +25,12 @@ from typing import Any
 
 from fastedit.atomic import atomic_folder, check_new_path, check_writable, is_occupied, write_text
 from fastedit.config import config_to_dict
+from fastedit.editing.hparams import METHODS
 from fastedit.errors import ConfigError, OutputError
 from fastedit.models import DEFAULT_MODEL
 from fastedit.stats.corpus import check_corpus
 
 log = logging.getLogger(__name__)
-
-METHODS = ("memit", "rome", "emmet", "alphaedit")
 
 
 @dataclass(frozen=True)
