@@ -27,11 +27,24 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastedit")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only, no progress bars.")
+def cli(verbose: int, quiet: bool) -> None:
     """Edit facts in language models with minimal precomputation (ROME, MEMIT, EMMET, AlphaEdit)."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fastedit").setLevel(min(level, logging.INFO))
+    from fastedit.progress import set_enabled
+
+    # fastedit's own info lines by default (what runs, where results go); -q: warnings only and no bars;
+    # -v: other libraries' info too; -vv: debug everywhere
+    root = logging.WARNING if quiet or verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=root, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastedit").setLevel(logging.WARNING if quiet else min(root, logging.INFO))
+    set_enabled(not quiet)
+    if quiet:
+        import os
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if verbose < 2:
         for noisy in ("transformers", "huggingface_hub", "datasets", "accelerate"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -67,8 +80,8 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 
 
 @cli.command("edit")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", default=None, help=f"Model alias, hub id, folder or .gguf (default: {DEFAULT_MODEL}).")
+@click.argument("file")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option(
     "--method", type=click.Choice(["memit", "rome", "emmet", "alphaedit"]), default="memit", show_default=True
 )
@@ -76,7 +89,7 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @click.option("--n", type=click.IntRange(min=1), help="Edit only the first N valid requests.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Requests per closed-form solve (default: all).")
 @click.option("--dm", default="10", show_default=True, help="Covariance keys per layer N = dm·d_k, or 'full'.")
-@click.option("--corpus", help="Covariance corpus when not cached (file, folder, HF name:config, or 'model').")
+@click.option("--corpus", help="Covariance corpus if not cached: file, folder, data set, HF name:config, 'model'.")
 @click.option("--stats-dir", type=click.Path(file_okay=False), help="Covariance cache folder (default: cache).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<model>-<method>).")
 @click.option("--save-patch", type=click.Path(dir_okay=False), help="Also write the patch here (.safetensors).")
@@ -86,11 +99,12 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @click.option("--fluency", is_flag=True, help="Also measure generation fluency (n-gram entropy; slow).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own code to run (hub models).")
-def edit_cmd(file: str, model: str | None, **options: Any) -> None:
-    """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
+def edit_cmd(file: str, model: str, **options: Any) -> None:
+    """Edit the facts in FILE (CounterFact, zsRE or plain JSON, or a data-set name such as counterfact),
+    evaluate before/after, write the run folder."""
     from fastedit.editing.run import EditRunOptions, run_edit
 
-    report = run_edit(EditRunOptions(file=file, model=model or DEFAULT_MODEL, **options))
+    report = run_edit(EditRunOptions(file=file, model=model, **options))
     click.echo(report.table)
 
 
@@ -120,7 +134,11 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
     "--layers", callback=_parse_layers, help="Layers, e.g. 4,5,6 or 4-8 (default: the family's MEMIT layers)."
 )
 @click.option("--hparams", type=click.Path(dir_okay=False), help="Take the layers from this hparams JSON file.")
-@click.option("--corpus", help="Local .txt/.jsonl/.parquet file or folder, HF dataset name:config, or 'model'.")
+@click.option(
+    "--corpus",
+    help="Local .txt/.jsonl/.parquet file or folder, data set (wikitext-2), HF dataset name:config, or 'model' "
+    "(default: the wikitext-2 data set if present, else text sampled from the model).",
+)
 @click.option("--eps", type=float, help="Also report cond(C0 + eps·I) (editors add this ridge).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens per forward.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per row.")
@@ -160,7 +178,7 @@ def sae() -> None:
 
 
 @sae.command("train")
-@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--layer", type=int, required=True, help="Residual stream after this block (or its MLP output).")
 @click.option(
     "--arch",
@@ -175,7 +193,7 @@ def sae() -> None:
 @click.option("--l1", type=float, default=0.04, show_default=True, help="L1 coefficient (ReLU activations).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the tokens.")
 @click.option("--site", type=click.Choice(["resid_post", "mlp_out"]), default="resid_post", show_default=True)
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (default: WikiText-2 test).")
+@click.option("--corpus", help="Plain-text file or data-set name (default: the wikitext-2 data set).")
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
 def sae_train_cmd(
@@ -220,7 +238,7 @@ def sae_train_cmd(
 @sae.command("eval")
 @click.argument("folder", type=click.Path())
 @click.option("--model", help="Override the model named in cfg.json.")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Plain-text corpus (held-out last 10% is used).")
+@click.option("--corpus", help="Plain-text file or data-set name; its last 10% is used (default: wikitext-2).")
 @click.option("--tokens", type=click.IntRange(min=1), default=20_000, show_default=True)
 def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int) -> None:
     """L0, explained variance and CE-loss recovered of the SAE in FOLDER (fastedit or SAELens layout)."""
@@ -232,7 +250,7 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 
 
 @cli.command("unlearn")
-@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(), help="SAE folder (repeatable).")
 @click.option("--forget-topic", default="languages", show_default=True, help="CounterFact topic to forget.")
 @click.option("--editors", default="memit,emmet", show_default=True, help="Editing rows (comma list, '' for none).")
@@ -246,8 +264,8 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 @click.option("--max-forget", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--retain-per-topic", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--candidates", type=click.IntRange(min=1), default=80, show_default=True, help="Cases scored per topic.")
-@click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
-@click.option("--corpus", type=click.Path(dir_okay=False), help="Retain corpus text (default: WikiText-2 test).")
+@click.option("--counterfact", help="Flat CounterFact file or data-set name (default: the counterfact data set).")
+@click.option("--corpus", help="Retain corpus: text file or data-set name (default: the wikitext-2 data set).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
 def unlearn_cmd(
     model: str,
@@ -285,6 +303,41 @@ def unlearn_cmd(
     )
     result = run_unlearning(model, list(saes), out, config=cfg)
     click.echo(f"{result['split']}\n\n{result['table']}\n\nwritten: {out}/unlearning.json, {out}/unlearning.png")
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data() -> None:
+    """Data sets by name (counterfact, counterfact-original, zsre, wikitext-2) in $FASTEDIT_DATA."""
+
+
+@data.command("list")
+def data_list() -> None:
+    """Every known data set: present (size, sha256) or missing (how to get it)."""
+    from fastedit.data import describe, list_datasets
+
+    click.echo(describe(list_datasets()))
+
+
+@data.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path(dir_okay=False))
+def data_add(name: str, path: str) -> None:
+    """Copy the local file PATH into the data directory as data set NAME (its layout is checked first)."""
+    from fastedit.data import add_dataset, describe
+
+    click.echo(describe([add_dataset(name, path)]))
+
+
+@data.command("fetch")
+@click.argument("name")
+def data_fetch(name: str) -> None:
+    """Download data set NAME from its public source (needs the network)."""
+    from fastedit.data import describe, fetch_dataset
+
+    click.echo(describe([fetch_dataset(name)]))
 
 
 def main() -> None:

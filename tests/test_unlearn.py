@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import COUNTERFACT
 from tiny_models import TEXT, tiny_model, tiny_tokenizer
 
 from fastedit.arch import arch_for, capture
@@ -71,7 +70,7 @@ def test_clamping_silent_features_changes_nothing():
     assert torch.equal(before, after)
 
 
-def _small_cfg(tmp_path, **kw) -> UnlearnConfig:
+def _small_cfg(tmp_path, counterfact, **kw) -> UnlearnConfig:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 20)
     base = {
@@ -83,13 +82,13 @@ def _small_cfg(tmp_path, **kw) -> UnlearnConfig:
         "retain_corpus_tokens": 600,
         "multipliers": [25.0, 200.0],
         "norm_scales": [1.0],
-        "counterfact": str(COUNTERFACT),
+        "counterfact": str(counterfact),
         "corpus": str(corpus),
     }
     return UnlearnConfig(**{**base, **kw})
 
 
-def test_run_unlearning_writes_table_plot_and_every_row(tmp_path, monkeypatch):
+def test_run_unlearning_writes_table_plot_and_every_row(tmp_path, monkeypatch, counterfact):
     monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path / "cache"))  # the editors' statistics land here
     model, tok = tiny_model("llama"), tiny_tokenizer()
     sae = _random_sae(k=12)
@@ -104,7 +103,7 @@ def test_run_unlearning_writes_table_plot_and_every_row(tmp_path, monkeypatch):
         [tmp_path / "sae", tmp_path / "sae"],
         tmp_path / "out",
         tokenizer=tok,
-        config=_small_cfg(tmp_path, editor_hparams=editor_hparams),
+        config=_small_cfg(tmp_path, counterfact, editor_hparams=editor_hparams),
     )
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert files == {"unlearning.json", "unlearning.png", "table.md"}
@@ -131,11 +130,13 @@ def test_sae_of_another_width_fails_before_any_work(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(d_in=16), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
     with pytest.raises(FasteditError, match="d_in 16 does not match"):
-        run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path))
+        run_unlearning(
+            model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path, "never-read.json")
+        )
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch):
+def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch, counterfact):
     monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.save_pretrained(tmp_path / "model")
@@ -161,18 +162,19 @@ def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch):
     assert res.exit_code == 1 and res.output.startswith("error:") and "SAELens layout" in res.output
     args = ["unlearn", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "s"), "--editors", ""]
     args += ["--candidates", "60", "--max-forget", "20", "--retain-per-topic", "2", "--corpus", str(corpus)]
-    args += ["--counterfact", str(COUNTERFACT), "--out", str(tmp_path / "u")]
+    args += ["--counterfact", str(counterfact), "--out", str(tmp_path / "u")]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "| topk |" in res.stdout and (tmp_path / "u" / "unlearning.png").exists()
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_stronger_clamps_after_a_failed_gate_are_skipped_only_when_asked(tmp_path, skip):
+def test_stronger_clamps_after_a_failed_gate_are_skipped_only_when_asked(tmp_path, skip, counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(k=12), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
     cfg = _small_cfg(
         tmp_path,
+        counterfact,
         retain_thresholds=[1.01],  # every feature qualifies (a random TopK SAE fires everywhere)
         multipliers=[1e5, 2e5, 4e5],
         norm_scales=[],

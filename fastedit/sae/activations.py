@@ -18,22 +18,23 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from fastedit.arch import arch_for, capture
-from fastedit.data import WIKITEXT_ENV, default_wikitext
+from fastedit.data import dataset_path, resolve_data
 from fastedit.errors import FasteditError
 from fastedit.models import cache_dir, model_name
+from fastedit.progress import track
 
 log = logging.getLogger(__name__)
 
 
 def read_corpus(path: str | Path | None = None, *, part: str = "train", held_out: float = 0.1) -> str:
-    """Plain text of a corpus file; ``part`` "train" is the first 90% of it, "heldout" the last 10%."""
-    path = Path(path) if path is not None else default_wikitext()
+    """Plain text of a corpus file or data-set name; ``part`` "train" is the first 90% of it, "heldout" the last
+    10%. Default: the wikitext-2 data set."""
+    path = resolve_data(path) if path is not None else dataset_path("wikitext-2")
     if not path.exists():
         raise FasteditError(
-            f"corpus file {str(path)!r} does not exist; pass a plain-text file (--corpus) or set ${WIKITEXT_ENV}"
+            f"corpus file {str(path)!r} does not exist; pass a plain-text file or a data-set name such as wikitext-2"
         )
     text = path.read_text(encoding="utf-8", errors="replace")
     cut = int(len(text) * (1 - held_out))
@@ -120,7 +121,7 @@ def stream_activations(
     name = hook_path(model, layer, site)
     windows, lengths = token_windows(tokenizer, texts, context, max_tokens)
     keep = _mask(tokenizer, windows, lengths)
-    for start in tqdm(range(0, len(windows), batch_size), desc="activations", disable=not progress, unit="batch"):
+    for start in track(range(0, len(windows), batch_size), desc="activations", unit="batch", show=progress):
         ids = windows[start : start + batch_size]
         attn = (torch.arange(ids.shape[1])[None, :] < lengths[start : start + batch_size, None]).long()
         with capture(model, [name], stop_after=name) as rec:

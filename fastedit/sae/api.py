@@ -16,7 +16,6 @@ from fastedit.sae.activations import (
     bos_id,
     cached_activations,
     chunks_of,
-    default_wikitext,
     load_activations,
     read_corpus,
     stream_activations,
@@ -137,7 +136,7 @@ def train_sae(
         site=site,
         context_size=context,
         prepend_bos=bos_id(tokenizer) is not None,
-        dataset_path=str(Path(corpus) if corpus else default_wikitext()),
+        dataset_path=str(corpus or "wikitext-2"),
         train={**asdict(cfg), "tokens": len(acts), "forget_texts": len(forget_texts or []), **result.log},
     )
     info.metrics = evaluate_sae(

@@ -23,8 +23,6 @@ from fastedit.errors import FasteditError
 
 log = logging.getLogger(__name__)
 
-COUNTERFACT_ENV = "FASTEDIT_COUNTERFACT"
-
 TOPIC_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("languages", ("language", "speak", "speaker", "writes in", "mother tongue", "understand")),
     ("sports_music", ("plays", "play", "position", "instrument", "perform", "genre", "sport")),
@@ -57,19 +55,20 @@ class Question:
 
 
 def default_counterfact() -> Path:
-    import os
+    """The flat CounterFact file: the ``counterfact`` data set (a one-line error says how to add it)."""
+    from fastedit.data import dataset_path
 
-    if os.environ.get(COUNTERFACT_ENV):
-        return Path(os.environ[COUNTERFACT_ENV])
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+    return dataset_path("counterfact")
 
 
 def read_counterfact(path: str | Path | None = None) -> list[Question]:
     """All cases of a flat CounterFact file as (unscored) questions with their topic."""
-    path = Path(path) if path is not None else default_counterfact()
+    from fastedit.data import resolve_data
+
+    path = resolve_data(path) if path is not None else default_counterfact()
     if not path.exists():
         raise FasteditError(
-            f"CounterFact file {str(path)!r} does not exist; pass --counterfact or set ${COUNTERFACT_ENV}"
+            f"CounterFact file {str(path)!r} does not exist; pass --counterfact FILE or a data-set name (counterfact)"
         )
     try:
         records = json.loads(path.read_text())

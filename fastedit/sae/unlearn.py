@@ -39,7 +39,7 @@ from fastedit.arch import arch_for, edit_output, mlp_out_param
 from fastedit.config import config_to_dict
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
-from fastedit.sae.activations import default_wikitext, hook_path, read_corpus, stream_activations
+from fastedit.sae.activations import hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, file_mode, load_sae
 from fastedit.sae.model import SAE
@@ -273,8 +273,8 @@ def edit_row(
     try:
         hp_file = cfg.editor_hparams.get(method) or hparams_path(method, model)
         hp = load_hparams(method, model, hp_file)
-        corpus = cfg.corpus or str(default_wikitext())
-        computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=corpus)
+        # C0 from the retain corpus when one is named, else the default corpus (wikitext-2 data set or model text)
+        computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=cfg.corpus or None)
         stats = {layer: ks.mean for layer, ks in computed.items()}  # C0 per edited layer
         key = values_key(spec, hp)
         shared = key in values_cache
