@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -197,11 +197,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests")
-    ap.add_argument("--requests", default=str(COUNTERFACT))
+    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--dms", default="1,2,5,10,full", help="comma-separated d_m values ('full' = whole corpus)")
     ap.add_argument("--methods", default="memit,emmet")
     ap.add_argument("--lam-factors", default="0.2,1,5", help="λ grid as multiples of the hparams' λ (1 = fixed λ)")
-    ap.add_argument("--corpus", default=str(WIKITEXT))
+    ap.add_argument("--corpus", default=WIKITEXT)
     ap.add_argument("--stats-dir", default=None, help="stats cache folder (default: the fastedit cache)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -241,8 +241,8 @@ def main() -> None:
             "config": {
                 "model": args.model,
                 "n": len(requests),
-                "requests": args.requests,
-                "corpus": args.corpus,
+                "requests": data_id(args.requests),
+                "corpus": data_id(args.corpus),
                 "dms": done,
                 "methods": methods,
                 "lam_factors": factors,
