@@ -328,7 +328,7 @@ def data_add(name: str, path: str) -> None:
     """Copy the local file PATH into the data directory as data set NAME (its layout is checked first)."""
     from fastedit.data import add_dataset, describe
 
-    click.echo(describe([add_dataset(name, path)]))
+    click.echo(describe([add_dataset(name, path)], header=False))
 
 
 @data.command("fetch")
@@ -337,7 +337,7 @@ def data_fetch(name: str) -> None:
     """Download data set NAME from its public source (needs the network)."""
     from fastedit.data import describe, fetch_dataset
 
-    click.echo(describe([fetch_dataset(name)]))
+    click.echo(describe([fetch_dataset(name)], header=False))
 
 
 def main() -> None:

@@ -174,8 +174,9 @@ class DatasetStatus:
     matches_published: bool | None = None  # None when no fixed published file is known
 
 
-def _install(name: str, write: Callable[[Path], None]) -> DatasetStatus:
-    """Write the data set into a temp file in the data directory, check its layout, then rename it into place."""
+def _install(name: str, write: Callable[[Path], None], check: bool = True) -> DatasetStatus:
+    """Write the data set into a temp file in the data directory, check its layout (unless the source was checked
+    already), then rename it into place."""
     known = _known(name)
     folder = data_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,12 +185,12 @@ def _install(name: str, write: Callable[[Path], None]) -> DatasetStatus:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        described = check_layout(name, tmp)
+        if check:
+            log.info("data set %s: %s", name, check_layout(name, tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, folder / known.file)
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("data set %s: %s in %s", name, described, folder / known.file)
     return status(name)
 
 
@@ -201,8 +202,8 @@ def add_dataset(name: str, source: str | Path) -> DatasetStatus:
     src = Path(source).expanduser()
     if not src.is_file():
         raise DataError(f"cannot add data set {name!r}: {str(src)!r} is not a file")
-    check_layout(name, src)  # before copying anything
-    result = _install(name, lambda tmp: shutil.copyfile(src, tmp))
+    log.info("data set %s: %s", name, check_layout(name, src))  # before copying anything
+    result = _install(name, lambda tmp: shutil.copyfile(src, tmp), check=False)
     if result.matches_published is False:
         log.warning("data set %s: %s differs from the published file (sha256 %s)", name, src, KNOWN[name].sha256)
     return result
@@ -300,9 +301,9 @@ def _host_reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def describe(statuses: list[DatasetStatus]) -> str:
+def describe(statuses: list[DatasetStatus], header: bool = True) -> str:
     """The `fastedit data list` table: every known name, present or missing."""
-    lines = [f"data directory: {data_dir()}"]
+    lines = [f"data directory: {data_dir()}"] if header else []
     for s in statuses:
         if s.present:
             assert s.size is not None and s.sha256 is not None

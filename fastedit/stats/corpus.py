@@ -48,10 +48,10 @@ class Corpus:
     describe: str  # for logs and errors
     finite: bool
     _documents: Callable[[int], Iterator[str]]
-    # Corpora that come as token rows (model samples): (seed, n_tokens, row_len) -> rows holding exactly n_tokens
+    # Corpora that come as token rows (model samples): (seed, n_tokens, row_len, progress bar?) -> rows of n_tokens
     # positions, each row_len long but the last; the statistics use them instead of packing documents. row_tokens
     # caps the row length (shorter rows are cheaper to sample; every position counts either way).
-    rows: Callable[[int, int, int], list[torch.Tensor]] | None = None
+    rows: Callable[[int, int, int, bool], list[torch.Tensor]] | None = None
     row_tokens: int | None = None
 
     def documents(self, seed: int) -> Iterator[str]:
@@ -257,8 +257,8 @@ def model_corpus(model: Any, tokenizer: Any, cfg: SamplerConfig | None = None) -
                 yield tokenizer.decode(row[skip:], skip_special_tokens=True)
             start += cfg.batch_rows
 
-    def rows(seed: int, n_tokens: int, row_len: int) -> list[torch.Tensor]:
-        return sampled_rows(model, tokenizer, n_tokens, seed=seed, cfg=replace(cfg, row_tokens=row_len))
+    def rows(seed: int, n_tokens: int, row_len: int, show: bool) -> list[torch.Tensor]:
+        return sampled_rows(model, tokenizer, n_tokens, seed=seed, cfg=replace(cfg, row_tokens=row_len), show=show)
 
     return Corpus(
         "model",

@@ -117,12 +117,19 @@ def _short_corpus_error(src: Corpus, total: int, need: int, dm: float, d_k: int,
 
 
 def _plan(
-    src: Corpus, tokenizer: Any, seed: int, n_plan: int | None, dm: float | None, d_k: int, seq_len: int
+    src: Corpus,
+    tokenizer: Any,
+    seed: int,
+    n_plan: int | None,
+    dm: float | None,
+    d_k: int,
+    seq_len: int,
+    progress: bool = True,
 ) -> list[torch.Tensor]:
     if tokenizer is None:
         raise StatsError("a tokenizer is needed to compute statistics; pass tokenizer=")
     if src.rows is not None and n_plan is not None:
-        rows = src.rows(seed, n_plan, seq_len)  # token rows straight from the source (model samples), no re-tokenising
+        rows = src.rows(seed, n_plan, seq_len, progress)  # token rows from the source (model samples) as they are
     else:
         rows = plan_rows(tokenizer, src.documents(seed), n_plan, seq_len)
     total = sum(len(r) for r in rows)
@@ -186,7 +193,7 @@ def _compute(
     if rank == 0:
         try:
             cache.check_writable(folder)
-            rows = _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len)
+            rows = _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len, progress)
         except Exception:
             broadcast_rows(None)  # release the other ranks before failing
             raise
