@@ -5,6 +5,7 @@ Every test writes its own small files (never real data) into a data directory un
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -119,3 +120,45 @@ def test_cli_edit_with_a_missing_data_set_fails_before_loading_a_model(data_dir)
     result = CliRunner().invoke(cli, ["edit", "counterfact", "--n", "2", "--model", "no-such-model"])
     assert result.exit_code == 1
     assert "data set 'counterfact' is not in" in result.output and "fastedit data add counterfact" in result.output
+
+
+def test_sae_train_and_unlearn_check_their_data_before_loading_a_model(data_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["sae", "train", "--model", "no-such-model", "--layer", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "data set 'wikitext-2' is not in" in result.output
+    result = runner.invoke(cli, ["unlearn", "--model", "no-such-model", "--sae", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "data set 'counterfact' is not in" in result.output
+
+
+def test_every_model_option_defaults_to_the_default_model():
+    from fastedit.models import DEFAULT_MODEL
+
+    def commands(group, prefix=()):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from commands(cmd, (*prefix, name))
+            else:
+                yield (*prefix, name), cmd
+
+    checked = []
+    for path, cmd in commands(cli):
+        for param in cmd.params:
+            if param.name == "model" and param.param_type_name == "option" and path != ("sae", "eval"):  # cfg.json
+                assert param.default == DEFAULT_MODEL and not param.required, path
+                checked.append(path)
+    assert {("edit",), ("precompute",), ("sae", "train"), ("unlearn",)} <= set(checked)
+
+
+def test_quiet_hides_every_progress_bar_and_verbose_does_not():
+    from tqdm.auto import tqdm
+
+    from fastedit import progress
+
+    try:
+        assert CliRunner().invoke(cli, ["-q", "data", "list"]).exit_code == 0
+        assert not progress.enabled()
+        assert tqdm(range(3)).disable and progress.bar(total=3).disable  # also bars built by other code
+        assert CliRunner().invoke(cli, ["-v", "data", "list"]).exit_code == 0
+        assert progress.enabled() and not progress.bar(total=3, file=io.StringIO()).disable
+    finally:
+        progress.set_enabled(True)

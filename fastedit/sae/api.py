@@ -96,6 +96,7 @@ def train_sae(
     """
     if arch not in ARCHS:
         raise FasteditError(f"unknown SAE arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    text = read_corpus(corpus, part="train")  # a missing corpus / data set fails before the model loads
     model, tokenizer = _model(model, tokenizer)
     from fastedit.arch import arch_for
 
@@ -117,7 +118,6 @@ def train_sae(
         if not cases:
             raise FasteditError(f"no CounterFact case has topic {forget_topic!r}")
         forget_texts = topic_texts(cases[:400])
-    text = read_corpus(corpus, part="train")
     path = cached_activations(
         model, tokenizer, text, layer, site=site, context=context, tokens=tokens, folder=activation_cache
     )

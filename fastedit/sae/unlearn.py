@@ -37,13 +37,20 @@ import torch
 
 from fastedit.arch import arch_for, edit_output, mlp_out_param
 from fastedit.config import config_to_dict
+from fastedit.data import resolve_data
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
 from fastedit.sae.activations import hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, file_mode, load_sae
 from fastedit.sae.model import SAE
-from fastedit.sae.questions import Question, QuestionSets, accuracy_flags, build_question_sets
+from fastedit.sae.questions import (
+    Question,
+    QuestionSets,
+    accuracy_flags,
+    build_question_sets,
+    default_counterfact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +397,12 @@ def run_unlearning(
     ``out``; returns the JSON content.
     """
     cfg = config or UnlearnConfig()
+    # the question file and the retain corpus (files or data-set names) must exist before the model loads
+    questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
+    if not questions.is_file():
+        raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
+                            "CounterFact file or `fastedit data add counterfact FILE`")  # fmt: skip
+    retain_text = read_corpus(cfg.corpus or None, part="train")
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     elif tokenizer is None:
@@ -411,7 +424,6 @@ def run_unlearning(
     )
     scorer = Scorer(model, tokenizer, sets)
     base = {"retain": scorer.retain(), "forget": scorer.forget()}
-    retain_text = read_corpus(cfg.corpus or None, part="train")
     rows, grids = [], {}
     names: dict[str, int] = {}
     layer_cache: dict[tuple[int, str], _LayerActs] = {}
