@@ -42,7 +42,7 @@ FORMAT = "fastedit-sampled-rows/1"
 @dataclass(frozen=True)
 class SamplerConfig:
     row_tokens: int = 128  # tokens per row, prefix and opener included (all of them are key positions)
-    batch_rows: int = 64  # rows generated together (also the block size of the random table)
+    batch_rows: int = 128  # rows generated together (also the block size of the random table)
     top_k: int = 50
     top_p: float = 0.95
     temperature: float = 1.0
