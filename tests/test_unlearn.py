@@ -129,10 +129,10 @@ def test_run_unlearning_writes_table_plot_and_every_row(tmp_path, monkeypatch, c
 def test_sae_of_another_width_fails_before_any_work(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(d_in=16), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
+    (tmp_path / "cf.json").write_text("[]")  # must exist (checked before the model loads), never parsed here
+    cfg = _small_cfg(tmp_path, tmp_path / "cf.json")
     with pytest.raises(FasteditError, match="d_in 16 does not match"):
-        run_unlearning(
-            model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path, "never-read.json")
-        )
+        run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=cfg)
     assert not (tmp_path / "out").exists()
 
 
