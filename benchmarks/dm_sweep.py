@@ -22,14 +22,13 @@ Writes benchmarks/results/dm_sweep_<model>.json and .png (or --out PATH.json).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
@@ -83,11 +82,6 @@ def compute_all_values(
         }
         print(f"v* for {method}: {seconds:.1f} s ({'cache' if hit else 'optimised'})", flush=True)
     return by_method, record
-
-
-def data_id(path: str) -> dict[str, str]:
-    """A data file named by its file name and sha256 (never by a path of this machine)."""
-    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
 
 def finite(x: float) -> float | None:
@@ -193,7 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests")
-    ap.add_argument("--requests", default=str(COUNTERFACT))
+    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--dms", default="1,2,5,10,full", help="comma-separated d_m values ('full' = whole corpus)")
     ap.add_argument("--methods", default="memit,emmet,alphaedit")
     ap.add_argument(
@@ -202,7 +196,7 @@ def main() -> None:
         help="λ grid as multiples of the hparams' λ (1 = the shipped λ, tuned on other cases by tune_split.py); "
         "a grid here is tuned on the reported cases themselves: an optimistic reference, not a result",
     )
-    ap.add_argument("--corpus", default=str(WIKITEXT))
+    ap.add_argument("--corpus", default=WIKITEXT)
     ap.add_argument("--stats-dir", default=None, help="stats cache folder (default: the fastedit cache)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

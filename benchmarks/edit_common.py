@@ -14,18 +14,20 @@ from typing import Any
 
 import torch
 
+from fastedit.data import KNOWN, dataset_path, sha256_of
 from fastedit.requests import EditRequest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-COUNTERFACT = SHARED / "counterfact" / "counterfact-edit.json"
-WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+# Data sets by name, from the data directory (`fastedit data add counterfact FILE`, `... wikitext-2 FILE`);
+# results record the name and the file's sha256 (`data_ids`), never a path.
+COUNTERFACT = "counterfact"
+WIKITEXT = "wikitext-2"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_cases(n: int, start: int = 0) -> tuple[list[EditRequest], list[dict[str, Any]]]:
-    records = json.loads(COUNTERFACT.read_text())[start : start + n]
+    records = json.loads(dataset_path(COUNTERFACT).read_text())[start : start + n]
     requests = [
         EditRequest(
             case_id=str(r["case_id"]),
@@ -42,8 +44,15 @@ def load_cases(n: int, start: int = 0) -> tuple[list[EditRequest], list[dict[str
 def stats_for(model: Any, tokenizer: Any, layers: list[int], dm: float = 10) -> dict[int, torch.Tensor]:
     from fastedit.stats import ensure_stats
 
-    stats = ensure_stats(model, tokenizer, layers, dm=dm, corpus=str(WIKITEXT), progress=False)
+    stats = ensure_stats(model, tokenizer, layers, dm=dm, corpus=WIKITEXT, progress=False)
     return {layer: stats[layer].mean for layer in layers}
+
+
+def data_id(name_or_path: str) -> str:
+    """How results name an input: a data set as "name sha256:<digest>", anything else as given."""
+    if name_or_path in KNOWN:
+        return f"{name_or_path} sha256:{sha256_of(dataset_path(name_or_path))}"
+    return str(name_or_path)
 
 
 @torch.no_grad()

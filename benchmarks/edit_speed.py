@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, save_figure, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
@@ -91,11 +91,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests, edited as one batch")
-    ap.add_argument("--requests", default=str(COUNTERFACT))
+    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--method", default="memit", choices=["memit", "emmet", "alphaedit"])
     ap.add_argument("--modes", default="fast", help="comma-separated v* modes compared with 'reference'")
     ap.add_argument("--dm", default="10", help="d_m of the covariance (cached after the first run)")
-    ap.add_argument("--corpus", default=None, help="stats corpus (default: the WikiText-2 test file)")
+    ap.add_argument("--corpus", default=None, help="stats corpus (default: the wikitext-2 data set)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_speed_<model>.json)")
@@ -106,7 +106,7 @@ def main() -> None:
     bad = [m for m in modes if m not in V_MODES]
     if bad:
         ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}")
-    corpus = args.corpus or str(WIKITEXT)
+    corpus = args.corpus or WIKITEXT
     dm: float | str = args.dm if args.dm == "full" else float(args.dm)
     out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
 
@@ -169,9 +169,9 @@ def main() -> None:
             "model": args.model,
             "n": len(requests),
             "method": args.method,
-            "requests": args.requests,
+            "requests": data_id(args.requests),
             "dm": args.dm,
-            "corpus": corpus,
+            "corpus": data_id(corpus),
             "hparams": config_to_dict(base),
             "threads": torch.get_num_threads(),
         },

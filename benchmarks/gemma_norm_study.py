@@ -90,7 +90,7 @@ def main() -> None:
         for name, overrides in treatments.items():
             hp: EditHparams = base.replace(**{k: tuple(v) if k == "layers" else v for k, v in overrides.items()})
             layers = list(hp.layers)
-            stats = ensure_stats(model, tok, layers, dm=args.dm, corpus=str(WIKITEXT), progress=False)
+            stats = ensure_stats(model, tok, layers, dm=args.dm, corpus=WIKITEXT, progress=False)
             covs = {layer: stats[layer].mean for layer in layers}
             site = edit_site(spec, hp)
             key = values_key(spec, hp)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fastedit.arch import arch_for, mlp_out_matrix, stop_after
+from fastedit.data import dataset_path, sha256_of
 from fastedit.models import load_model
 from fastedit.stats import default_layers, run_stats
 from fastedit.stats.accumulate import SecondMoment, accumulate, input_device
@@ -28,7 +29,7 @@ from fastedit.stats.corpus import resolve_corpus
 from fastedit.stats.precompute import DEFAULT_BATCH_TOKENS, DEFAULT_SEQ_LEN, n_keys
 from fastedit.stats.tokens import make_batches, plan_rows
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKITEXT = "wikitext-2"  # the data set (`fastedit data add wikitext-2 FILE`)
 RESULTS = Path(__file__).resolve().parent / "results" / "precompute.json"
 
 
@@ -54,7 +55,7 @@ def bench(name: str, dms: list[float]) -> list[dict]:
     rows_out = []
     for dm in dms:
         n = n_keys(dm, d_k)
-        rows = plan_rows(tok, resolve_corpus(str(WIKITEXT), model, tok).documents(0), n, DEFAULT_SEQ_LEN)
+        rows = plan_rows(tok, resolve_corpus(WIKITEXT, model, tok).documents(0), n, DEFAULT_SEQ_LEN)
         batches = make_batches(rows, DEFAULT_BATCH_TOKENS, DEFAULT_SEQ_LEN, tok.pad_token_id or 0)
         bare_forward(model, spec, max(layers), batches[:1])  # warm-up
         bare = bare_forward(model, spec, max(layers), batches)
@@ -65,7 +66,7 @@ def bench(name: str, dms: list[float]) -> list[dict]:
         f64 = sum(m.seconds for m in moments.values())
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            run = run_stats(model, tok, layers, dm=dm, corpus=str(WIKITEXT), out=out, model_name=name, progress=False)
+            run = run_stats(model, tok, layers, dm=dm, corpus=WIKITEXT, out=out, model_name=name, progress=False)
             wall = time.perf_counter() - start
         conds = {layer: float(run.stats[layer].metadata["condition_number"]) for layer in layers}
         row = {
@@ -103,9 +104,7 @@ def full_vs_dm(name: str = "smollm2-135m", layer: int = 4) -> dict:
         stats = {}
         for dm in (2, 10, "full"):
             start = time.perf_counter()
-            stats[dm] = run_stats(model, tok, [layer], dm=dm, corpus=str(WIKITEXT), out=folder, progress=False).stats[
-                layer
-            ]
+            stats[dm] = run_stats(model, tok, [layer], dm=dm, corpus=WIKITEXT, out=folder, progress=False).stats[layer]
             out[str(dm)] = {
                 "tokens": stats[dm].count,
                 "condition_number": float(stats[dm].metadata["condition_number"]),
@@ -131,7 +130,11 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         rows += bench(name, [float(x) for x in args.dms.split(",")])
-    result = {"threads": torch.get_num_threads(), "corpus": str(WIKITEXT), "runs": rows}
+    result = {
+        "threads": torch.get_num_threads(),
+        "corpus": f"{WIKITEXT} sha256:{sha256_of(dataset_path(WIKITEXT))}",
+        "runs": rows,
+    }
     if args.with_full:
         result["full_vs_dm"] = full_vs_dm()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,24 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fastedit")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only, no progress bars.")
+def cli(verbose: int, quiet: bool) -> None:
     """Edit facts in language models with minimal precomputation (ROME, MEMIT, EMMET, AlphaEdit)."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=min(level, logging.INFO), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fastedit").setLevel(min(level, logging.INFO))
+    from fastedit.progress import set_enabled
+
+    # fastedit's own info lines by default (what runs, where results go); -q: warnings only and no bars;
+    # -v: other libraries' info too; -vv: debug everywhere
+    root = logging.WARNING if quiet or verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=root, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fastedit").setLevel(logging.WARNING if quiet else min(root, logging.INFO))
+    set_enabled(not quiet)
+    if quiet:
+        import os
+
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if verbose < 2:
         for noisy in ("transformers", "huggingface_hub", "datasets", "accelerate"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -79,14 +92,14 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 
 
 @cli.command("edit")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model", default=None, help=f"Model alias, hub id, folder or .gguf (default: {DEFAULT_MODEL}).")
+@click.argument("file")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="memit", show_default=True)
 @click.option("--hparams", type=click.Path(dir_okay=False), help="Hparams JSON (default: hparams/<method>/<model>).")
 @click.option("--n", type=click.IntRange(min=1), help="Edit only the first N valid requests.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Requests per closed-form solve (default: all).")
 @click.option("--dm", default="10", show_default=True, help="Covariance keys per layer N = dm·d_k, or 'full'.")
-@click.option("--corpus", help="Covariance corpus when not cached (file, folder, HF name:config, or 'model').")
+@click.option("--corpus", help="Covariance corpus if not cached: file, folder, data set, HF name:config, 'model'.")
 @click.option("--stats-dir", type=click.Path(file_okay=False), help="Covariance cache folder (default: cache).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (default: runs/<time>-<model>-<method>).")
 @click.option("--save-patch", type=click.Path(dir_okay=False), help="Also write the patch here (.safetensors).")
@@ -102,13 +115,14 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 )
 @click.option("--no-targets-cache", is_flag=True, help="Always optimise v*; neither read nor write cached targets.")
 @placement_options
-def edit_cmd(file: str, model: str | None, no_targets_cache: bool, **options: Any) -> None:
-    """Edit the facts in FILE (CounterFact, zsRE or plain JSON), evaluate before/after, write the run folder."""
+def edit_cmd(file: str, model: str, no_targets_cache: bool, **options: Any) -> None:
+    """Edit the facts in FILE (CounterFact, zsRE or plain JSON, or a data-set name such as counterfact),
+    evaluate before/after, write the run folder."""
     from fastedit.editing.run import EditRunOptions, run_edit
 
     if no_targets_cache:
         options["targets_cache"] = ""
-    report = run_edit(EditRunOptions(file=file, model=model or DEFAULT_MODEL, **options))
+    report = run_edit(EditRunOptions(file=file, model=model, **options))
     click.echo(report.table)
 
 
@@ -147,7 +161,11 @@ def _parse_layers(_ctx: Any, _param: Any, value: str | None) -> list[int] | None
     "--layers", callback=_parse_layers, help="Layers, e.g. 4,5,6 or 4-8 (default: the family's MEMIT layers)."
 )
 @click.option("--hparams", type=click.Path(dir_okay=False), help="Take the layers from this hparams JSON file.")
-@click.option("--corpus", help="Local .txt/.jsonl/.parquet file or folder, HF dataset name:config, or 'model'.")
+@click.option(
+    "--corpus",
+    help="Local .txt/.jsonl/.parquet file or folder, data set (wikitext-2), HF dataset name:config, or 'model' "
+    "(default: the wikitext-2 data set if present, else text sampled from the model).",
+)
 @click.option(
     "--eps", type=float, help="Also report cond(C0 + ε·I), ε = EPS × C0's mean eigenvalue (the editors' rel_eps)."
 )
@@ -265,7 +283,7 @@ def sae() -> None:
 
 
 @sae.command("train")
-@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--layer", type=int, required=True, help="Residual stream after this block (or its MLP output).")
 @click.option(
     "--arch",
@@ -280,7 +298,11 @@ def sae() -> None:
 @click.option("--l1", type=float, default=0.04, show_default=True, help="L1 coefficient (ReLU activations).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, help="Passes over the tokens.")
 @click.option("--site", type=click.Choice(["resid_post", "mlp_out"]), default="resid_post", show_default=True)
-@click.option("--corpus", help="Text corpus: .txt/.jsonl/.parquet file or folder, datasets folder, HF name:config.")
+@click.option(
+    "--corpus",
+    help="Text corpus: .txt/.jsonl/.parquet file or folder, datasets folder, data-set name, HF name:config "
+    "(default: the wikitext-2 data set).",
+)
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder at --out.")
@@ -340,7 +362,7 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 
 
 @cli.command("unlearn")
-@click.option("--model", required=True, help="Model name, alias, folder or .gguf file.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(), help="SAE folder (repeatable).")
 @click.option("--forget-topic", default="languages", show_default=True, help="CounterFact topic to forget.")
 @click.option("--editors", default="memit,emmet", show_default=True, help="Editing rows (comma list, '' for none).")
@@ -369,8 +391,10 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 @click.option(
     "--candidates", type=click.IntRange(min=1), default=200, show_default=True, help="Most cases scored per topic."
 )
-@click.option("--counterfact", type=click.Path(dir_okay=False), help="Flat CounterFact JSON (default: shared data).")
-@click.option("--corpus", help="Retain corpus (file, folder, datasets folder, HF name:config; default WikiText-2).")
+@click.option("--counterfact", help="Flat CounterFact file or data-set name (default: the counterfact data set).")
+@click.option(
+    "--corpus", help="Retain corpus (file, folder, datasets folder, data-set name, HF name:config; default wikitext-2)."
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier result in --out.")
 def unlearn_cmd(
@@ -413,6 +437,41 @@ def unlearn_cmd(
     result = run_unlearning(model, list(saes), out, config=cfg, overwrite=overwrite)
     written = ", ".join(f"{out}/{name}" for name in ("unlearning.json", "table.md", "unlearning.png"))
     click.echo(f"{result['split']['summary']}\n\n{result['table']}\n\nwritten: {written}")
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data() -> None:
+    """Data sets by name (counterfact, counterfact-original, zsre, wikitext-2) in $FASTEDIT_DATA."""
+
+
+@data.command("list")
+def data_list() -> None:
+    """Every known data set: present (size, sha256) or missing (how to get it)."""
+    from fastedit.data import describe, list_datasets
+
+    click.echo(describe(list_datasets()))
+
+
+@data.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path(dir_okay=False))
+def data_add(name: str, path: str) -> None:
+    """Copy the local file PATH into the data directory as data set NAME (its layout is checked first)."""
+    from fastedit.data import add_dataset, describe
+
+    click.echo(describe([add_dataset(name, path)], header=False))
+
+
+@data.command("fetch")
+@click.argument("name")
+def data_fetch(name: str) -> None:
+    """Download data set NAME from its public source (needs the network)."""
+    from fastedit.data import describe, fetch_dataset
+
+    click.echo(describe([fetch_dataset(name)], header=False))
 
 
 def main() -> None:

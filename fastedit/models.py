@@ -320,10 +320,24 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def _convert_packaged(alias: str) -> Path:
     """GGUF -> safetensors folder, written to a temp folder and renamed (never half-written)."""
+    from fastedit.progress import phases
+
     folder = _converted_folder(alias)
     if (folder / "config.json").exists():
         return folder
-    model, tokenizer = _load_gguf(packaged_gguf(alias), torch.float32)
+    log.info("converting the packaged %s GGUF to safetensors once (13-45 s; later loads take seconds)", alias)
+    with phases(f"converting {alias}", ["locate GGUF", "parse + dequantise GGUF", "write safetensors"]) as step:
+        gguf = packaged_gguf(alias)
+        step("parse + dequantise GGUF")
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        step("write safetensors")
+        _save_converted(alias, model, tokenizer, folder)
+        step()
+    log.info("converted %s to %s", alias, folder)
+    return folder
+
+
+def _save_converted(alias: str, model: Any, tokenizer: Any, folder: Path) -> None:
     # transformers refuses to save a model flagged as gguf-quantized; its weights are plain float32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -337,8 +351,6 @@ def _convert_packaged(alias: str) -> Path:
     except OutputError:  # another process converted it meanwhile
         if not (folder / "config.json").exists():
             raise
-    log.info("converted %s to %s", alias, folder)
-    return folder
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

@@ -294,8 +294,11 @@ def parse_requests(
 def load_requests(
     path: str | Path, *, layout: str | None = None, n: int | None = None, skip_invalid: bool = False
 ) -> ParsedRequests:
-    """Read a .json (list of records) or .jsonl file and parse it; ``n`` keeps the first n valid requests."""
-    path = Path(path)
+    """Read a .json (list of records) or .jsonl file, or a data set by name (``counterfact``, ``zsre``, see
+    `fastedit.data`), and parse it; ``n`` keeps the first n valid requests."""
+    from fastedit.data import resolve_data
+
+    path = resolve_data(path)
     if not path.is_file():
         raise RequestError(f"request file {str(path)!r} does not exist; pass a CounterFact, zsRE or plain JSON file")
     try:

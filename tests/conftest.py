@@ -1,20 +1,61 @@
-"""Shared fixtures: tiny random models of every family, and the two real packaged models (marker `real`)."""
+"""Shared fixtures: tiny random models of every family, generic text, the data sets, and the two real packaged
+models (marker `real`).
+
+Data sets come from the data directory (`fastedit data`, $FASTEDIT_DATA); a test needing a missing one is skipped
+with the command that adds it. Tests of logic read `text_corpus`, a generated text file, so they never need data.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
-from tiny_models import FAMILIES, tiny_model, tiny_tokenizer
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-COUNTERFACT = SHARED / "data" / "counterfact" / "counterfact-edit.json"
-COUNTERFACT_ORIGINAL = SHARED / "data" / "counterfact" / "counterfact-original-sample.json"
-ZSRE = SHARED / "data" / "zsre" / "zsre_mend_train-1k.json"
+from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def data_set(name: str) -> Path:
+    """The file of data set ``name`` from the data directory, or skip the test saying how to add it."""
+    from fastedit.data import find_dataset
+
+    path = find_dataset(name)
+    if path is None:
+        pytest.skip(f"data set {name} not available: fastedit data add {name} FILE")
+    return path
+
+
+@pytest.fixture(scope="session")
+def counterfact() -> Path:
+    return data_set("counterfact")
+
+
+@pytest.fixture(scope="session")
+def counterfact_original() -> Path:
+    return data_set("counterfact-original")
+
+
+@pytest.fixture(scope="session")
+def zsre() -> Path:
+    return data_set("zsre")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    return data_set("wikitext-2")
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A ~120 kB plain-text file of seeded shuffled sentences (paragraphs split by blank lines)."""
+    rng = random.Random(0)
+    sentences = [s.strip() + "." for s in TEXT.replace("\n", " ").split(".") if s.strip()]
+    paragraphs = [" ".join(rng.choice(sentences) for _ in range(rng.randint(3, 12))) for _ in range(1200)]
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

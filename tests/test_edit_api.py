@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import WIKITEXT
 from tiny_models import tiny_model, tiny_tokenizer
 
 import fastedit
@@ -63,14 +62,14 @@ def _same(model, state):
 
 
 @pytest.fixture(scope="module")
-def stats(tmp_path_factory):
+def stats(tmp_path_factory, text_corpus):
     """C0 of layers 0-1 of the tiny llama from WikiText (computed once, via the real stats module)."""
     from fastedit.stats import ensure_stats
 
     model = tiny_model("llama")
     out = tmp_path_factory.mktemp("stats")
     return ensure_stats(
-        model, tiny_tokenizer(), [0, 1], dm=2, corpus=str(WIKITEXT), out=out, seq_len=64, progress=False
+        model, tiny_tokenizer(), [0, 1], dm=2, corpus=str(text_corpus), out=out, seq_len=64, progress=False
     )
 
 
@@ -132,7 +131,7 @@ def test_bad_settings_are_clear_errors(stats):
         fastedit.edit(model, tok, [{**REQUESTS[0], "target_new": " "}], hparams=EditHparams(**HP), stats=stats)
 
 
-def test_cli_edit_on_a_tiny_model_folder(tmp_path):
+def test_cli_edit_on_a_tiny_model_folder(tmp_path, text_corpus):
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -142,7 +141,7 @@ def test_cli_edit_on_a_tiny_model_folder(tmp_path):
     hparams.write_text(json.dumps(HP))
     out = tmp_path / "run"
     args = ["edit", str(requests), "--model", str(folder), "--hparams", str(hparams), "--out", str(out)]
-    args += ["--corpus", str(WIKITEXT), "--dm", "2", "--stats-dir", str(tmp_path / "stats"), "--batch-size", "2"]
+    args += ["--corpus", str(text_corpus), "--dm", "2", "--stats-dir", str(tmp_path / "stats"), "--batch-size", "2"]
     args += ["--save-patch", str(tmp_path / "copy.safetensors"), "--save-model", str(tmp_path / "edited")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

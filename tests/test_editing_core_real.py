@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import COUNTERFACT, WIKITEXT
 
 from fastedit.arch import arch_for, restored_after
 from fastedit.editing.engine import apply_edit
@@ -16,8 +15,8 @@ from fastedit.requests import EditRequest
 pytestmark = pytest.mark.real
 
 
-def _requests(n: int) -> list[EditRequest]:
-    records = json.loads(COUNTERFACT.read_text())[:n]
+def _requests(n: int, counterfact) -> list[EditRequest]:
+    records = json.loads(counterfact.read_text())[:n]
     return [
         EditRequest(str(r["case_id"]), r["prompt"].replace(r["subject"], "{}", 1), r["subject"], r["target_new"],
                     r["ground_truth"])
@@ -34,12 +33,12 @@ def _nll(model, tok, prompt: str, target: str) -> float:
 
 
 @pytest.mark.parametrize(("method", "n"), [("memit", 2), ("rome", 1)])
-def test_edit_makes_the_new_target_win(smollm2, method, n):
+def test_edit_makes_the_new_target_win(smollm2, method, n, wikitext):
     from fastedit.stats import ensure_stats
 
     model, tok = smollm2
     hp = load_hparams(method, model).replace(v_mode="fast")
-    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(WIKITEXT), progress=False)
+    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(wikitext), progress=False)
     requests = _requests(n)
     spec = arch_for(model)
     with restored_after(model, spec, hp.layers):
@@ -58,7 +57,7 @@ def _next_token_logprobs(model, tok, prompt: str) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=torch.tensor([tok(prompt).input_ids])).logits[0, -1], -1)
 
 
-def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3):
+def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3, wikitext):
     """Gemma 3's tuned MEMIT: per-layer targets are realised (λ 15,000 would realise ~25%), the new target wins,
     and an unrelated prompt's next-token distribution barely moves."""
     from fastedit.stats import ensure_stats
@@ -66,7 +65,7 @@ def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3):
     model, tok = gemma3
     hp = load_hparams("memit", model)
     assert hp.post_norm == "per_layer" and hp.mom2_update_weight <= 3000  # the tuned file, not the family one
-    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(WIKITEXT), progress=False)
+    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(wikitext), progress=False)
     covs = {k: v.mean for k, v in stats.items()}
     requests = _requests(2)
     unrelated = "The chemical symbol of gold is"
@@ -114,7 +113,7 @@ def test_prefix_cached_replay_matches_the_full_forward(request, which):
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
-def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which):
+def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which, wikitext, counterfact):
     """AlphaEdit with the shipped hparams on both real models: each batch's edit wins, the update is non-zero,
     and the second batch's update leaves the first batch's keys alone (‖ΔW₂ K₁‖ ≤ 1e-3 ‖W K₁‖)."""
     from fastedit.arch import mlp_out_matrix
@@ -122,8 +121,8 @@ def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which):
 
     model, tok = request.getfixturevalue(which)
     hp = load_hparams("alphaedit", model)
-    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(WIKITEXT), progress=False)
-    first, second = _requests(4)[:2], _requests(4)[2:]
+    stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(wikitext), progress=False)
+    first, second = _requests(4, counterfact)[:2], _requests(4, counterfact)[2:]
     spec = arch_for(model)
     with restored_after(model, spec, hp.layers):
         one = apply_edit(model, tok, first, method="alphaedit", hparams=hp, stats=stats)

@@ -131,14 +131,13 @@ def test_fluency_generation_is_seeded():
 
 
 @pytest.mark.real
-def test_unedited_smollm2_counterfact_metrics(smollm2):
+def test_unedited_smollm2_counterfact_metrics(smollm2, counterfact):
     """The unedited model on the first 30 flat CounterFact cases: NS ~67 (issue 4 reports 67), ES low."""
-    from conftest import COUNTERFACT
 
     from fastedit.requests import load_requests
 
     model, tok = smollm2
-    summary = evaluate_requests(model, tok, load_requests(COUNTERFACT, n=30).requests).summary
+    summary = evaluate_requests(model, tok, load_requests(counterfact, n=30).requests).summary
     assert summary["n"] == 30
     assert 55 <= summary["ns"] <= 80
     assert summary["es"] <= 50 and summary["em"] < 0

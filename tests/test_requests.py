@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import COUNTERFACT, COUNTERFACT_ORIGINAL, ZSRE
 
 from fastedit.errors import RequestError
 from fastedit.requests import EditRequest, as_requests, detect_layout, load_requests, parse_requests
 
 
-def test_flat_counterfact_file():
-    parsed = load_requests(COUNTERFACT)
+def test_flat_counterfact_file(counterfact):
+    parsed = load_requests(counterfact)
     assert parsed.layout == "flat"
     assert len(parsed.requests) == 10_000
     first = parsed.requests[0]
@@ -29,8 +28,8 @@ def test_flat_counterfact_file():
     assert first.rewrite_prompt() == "The mother tongue of Danielle Darrieux is"
 
 
-def test_original_counterfact_sample():
-    parsed = load_requests(COUNTERFACT_ORIGINAL)
+def test_original_counterfact_sample(counterfact_original):
+    parsed = load_requests(counterfact_original)
     assert parsed.layout == "original"
     assert len(parsed.requests) == 5
     first = parsed.requests[0]
@@ -40,15 +39,15 @@ def test_original_counterfact_sample():
     assert first.generation_prompts[0] == "Danielle Darrieux's mother tongue is"
 
 
-def test_zsre_file_reports_every_bad_record_and_can_skip_them():
+def test_zsre_file_reports_every_bad_record_and_can_skip_them(zsre):
     with pytest.raises(RequestError) as info:
-        load_requests(ZSRE)
+        load_requests(zsre)
     message = str(info.value)
     assert "23 of 1000" in message
     assert "record 88: alt 'Chicago Bears' equals a true answer" in message
     assert "record 534: alt is empty or whitespace" in message
     assert "record 866:" in message
-    parsed = load_requests(ZSRE, skip_invalid=True, n=100)
+    parsed = load_requests(zsre, skip_invalid=True, n=100)
     assert parsed.layout == "zsre" and len(parsed.requests) == 100 and len(parsed.skipped) == 23
     first = parsed.requests[0]
     assert first.prompt == "What is the product made by {}?"
@@ -147,8 +146,8 @@ def test_every_bad_flat_record_is_reported_by_index():
     assert [i for i, _ in kept.skipped] == [1, 2, 3, 4, 6]
 
 
-def test_original_layout_prompt_without_braces():
-    rec = json.loads(COUNTERFACT_ORIGINAL.read_text())[0]
+def test_original_layout_prompt_without_braces(counterfact_original):
+    rec = json.loads(counterfact_original.read_text())[0]
     rec["requested_rewrite"]["prompt"] = "The mother tongue of Danielle Darrieux is"
     with pytest.raises(RequestError, match=r"record 0: prompt .* has no \{\} where the subject goes"):
         parse_requests([rec])

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import COUNTERFACT
 from tiny_models import TEXT, tiny_model, tiny_tokenizer
 
 from fastedit.arch import arch_for, capture
@@ -228,18 +227,18 @@ def test_ce_recovered_is_one_for_an_exact_sae_and_low_for_a_bad_one():
 # ---- question sets and multiple choice -------------------------------------------------------------------------
 
 
-def test_topics_from_relation_wording():
+def test_topics_from_relation_wording(counterfact):
     assert topic_of("The mother tongue of Danielle Darrieux is", "Danielle Darrieux") == "languages"
     assert topic_of("Toko Yasuda plays the", "Toko Yasuda") == "sports_music"
     assert topic_of("iPhone, developed by", "iPhone") == "companies"
     assert topic_of("The twin city of Tirana is", "Tirana") == "places"
-    qs = read_counterfact(COUNTERFACT)
+    qs = read_counterfact(counterfact)
     assert len(qs) == 10_000 and qs[0].true == "French" and qs[0].new == "English"
 
 
-def test_known_questions_use_the_two_way_test():
+def test_known_questions_use_the_two_way_test(counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    qs = read_counterfact(COUNTERFACT)[:6]
+    qs = read_counterfact(counterfact)[:6]
     known, top1 = accuracy_flags(model, tok, qs)
     swapped = [q.__class__(**{**q.__dict__, "true": q.new, "new": q.true}) for q in qs]
     known_swapped, _ = accuracy_flags(model, tok, swapped)
@@ -247,12 +246,12 @@ def test_known_questions_use_the_two_way_test():
     assert top1.dtype == torch.bool
 
 
-def test_too_few_known_forget_questions_says_how_many():
+def test_too_few_known_forget_questions_says_how_many(counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(FasteditError, match=r"has only \d+ known questions"):
-        build_question_sets(model, tok, "languages", counterfact=COUNTERFACT, candidates_per_topic=5, min_forget=20)
+        build_question_sets(model, tok, "languages", counterfact=counterfact, candidates_per_topic=5, min_forget=20)
     with pytest.raises(FasteditError, match="unknown forget topic"):
-        build_question_sets(model, tok, "astrology", counterfact=COUNTERFACT, candidates_per_topic=2)
+        build_question_sets(model, tok, "astrology", counterfact=counterfact, candidates_per_topic=2)
 
 
 def test_multiple_choice_files_and_four_letter_scoring(tmp_path):
@@ -285,7 +284,7 @@ def test_multiple_choice_files_and_four_letter_scoring(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["featureforget", "hiercontrastive"])
-def test_variants_train_with_a_forget_topic(tmp_path, arch):
+def test_variants_train_with_a_forget_topic(tmp_path, arch, counterfact):
     from fastedit.sae.api import train_sae
     from fastedit.sae.io import load_sparsity
 
@@ -294,7 +293,7 @@ def test_variants_train_with_a_forget_topic(tmp_path, arch):
     corpus.write_text(TEXT * 20)
     res = train_sae(
         model, 1, tmp_path / arch, tokenizer=tok, arch=arch, width=32, tokens=1500, corpus=corpus, k=4,
-        batch_size=128, epochs=4, buffer_size=512, n_clusters=4, forget_topic="languages", counterfact=COUNTERFACT,
+        batch_size=128, epochs=4, buffer_size=512, n_clusters=4, forget_topic="languages", counterfact=counterfact,
         eval_tokens=300, ce_windows=0, activation_cache=tmp_path / "acts",
     )  # fmt: skip
     assert res["train"]["final"]["forget_fvu"] < 1.0  # phase 2 ran the dual objective on forget text

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from conftest import WIKITEXT
 
 from fastedit.sae.api import train_sae
 from fastedit.sae.io import load_sae
 
 
 @pytest.mark.real
-def test_small_topk_sae_on_smollm2_explains_held_out_variance(smollm2, tmp_path):
+def test_small_topk_sae_on_smollm2_explains_held_out_variance(smollm2, tmp_path, wikitext):
     model, tok = smollm2
     res = train_sae(
         model,
@@ -20,7 +19,7 @@ def test_small_topk_sae_on_smollm2_explains_held_out_variance(smollm2, tmp_path)
         arch="topk",
         width=1152,
         tokens=16_000,
-        corpus=WIKITEXT,
+        corpus=wikitext,
         k=32,
         lr=2e-3,
         epochs=6,

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 import torch
-from conftest import WIKITEXT
 from tiny_models import tiny_model, tiny_tokenizer
 
 from fastedit.arch import arch_for
+from fastedit.errors import FasteditError
 from fastedit.stats import (
     CorpusError,
     KeyStats,
@@ -48,13 +48,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text", "gemma3"])
-def test_c0_matches_independent_hooks_exact_count(family, tmp_path):
+def test_c0_matches_independent_hooks_exact_count(family, tmp_path, text_corpus):
     model, tok = tiny_model(family), tiny_tokenizer()
     d_k = int(arch_for(model).d_k(model.config))
-    stats = ensure_stats(model, tok, [0, 2], dm=2.5, corpus=str(WIKITEXT), out=tmp_path, model_name=family, **SMALL)
+    stats = ensure_stats(model, tok, [0, 2], dm=2.5, corpus=str(text_corpus), out=tmp_path, model_name=family, **SMALL)
     n = 100  # ceil(2.5 · 40): not a multiple of seq_len, so the last row is cut and the last batch padded
     assert d_k == 40
-    rows = plan_rows(tok, resolve_corpus(str(WIKITEXT), model, tok).documents(0), n, 32)
+    rows = plan_rows(tok, resolve_corpus(str(text_corpus), model, tok).documents(0), n, 32)
     assert sum(len(r) for r in rows) == n and len(rows[-1]) < 32
     for layer in (0, 2):
         assert stats[layer].count == n
@@ -75,14 +75,14 @@ def test_rows_start_with_prefix_and_batches_mask_padding():
     assert plan_rows(tok, iter(docs[:1]), None, 16)  # 'full': every token of a short corpus
 
 
-def test_cache_hit_runs_no_forward_and_names_do_not_collide(tmp_path):
+def test_cache_hit_runs_no_forward_and_names_do_not_collide(tmp_path, text_corpus):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    first = run_stats(model, tok, [1], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="a", **SMALL)
+    first = run_stats(model, tok, [1], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="a", **SMALL)
     files = list(tmp_path.glob("*.safetensors"))
     mtimes = [f.stat().st_mtime_ns for f in files]
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
-    second = run_stats(model, tok, [1], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="a", **SMALL)
+    second = run_stats(model, tok, [1], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="a", **SMALL)
     handle.remove()
     assert not calls and second.info[1].cached and not first.info[1].cached
     assert [f.stat().st_mtime_ns for f in files] == mtimes
@@ -93,17 +93,17 @@ def test_cache_hit_runs_no_forward_and_names_do_not_collide(tmp_path):
     assert meta["fastedit_version"] and meta["module"] == "model.layers.1.mlp.down_proj"
     # Another model in the same folder gets its own file and its own statistics.
     other = tiny_model("qwen2", seed=3)
-    theirs = ensure_stats(other, tok, [1], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="b", **SMALL)
+    theirs = ensure_stats(other, tok, [1], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="b", **SMALL)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
     assert rel(theirs[1].mean, first.stats[1].mean) > 1e-3
 
 
-def test_cache_of_another_model_or_width_is_refused(tmp_path):
+def test_cache_of_another_model_or_width_is_refused(tmp_path, text_corpus):
     tok = tiny_tokenizer()
-    ensure_stats(tiny_model("llama"), tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", **SMALL)
+    ensure_stats(tiny_model("llama"), tok, [0], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="m", **SMALL)
     with pytest.raises(StatsCacheError, match="different model"):
         ensure_stats(
-            tiny_model("llama", seed=1), tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", **SMALL
+            tiny_model("llama", seed=1), tok, [0], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="m", **SMALL
         )
     wide = tiny_model("llama")
     wide.config.intermediate_size = 48
@@ -111,23 +111,23 @@ def test_cache_of_another_model_or_width_is_refused(tmp_path):
     wide.model.layers[0].mlp.gate_proj = torch.nn.Linear(24, 48, bias=False)
     wide.model.layers[0].mlp.up_proj = torch.nn.Linear(24, 48, bias=False)
     with pytest.raises(StatsCacheError, match="d_k=40"):
-        ensure_stats(wide, tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", **SMALL)
+        ensure_stats(wide, tok, [0], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="m", **SMALL)
 
 
-def test_edited_mlp_out_keeps_the_cache_valid(tmp_path):
+def test_edited_mlp_out_keeps_the_cache_valid(tmp_path, text_corpus):
     """Editors change mlp_out; the key does not depend on it, so the cache must still load."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    ensure_stats(model, tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", **SMALL)
+    ensure_stats(model, tok, [0], dm=2, corpus=str(text_corpus), out=tmp_path, model_name="m", **SMALL)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.add_(1.0)
-    stats = load_covariance(model, 0, dm=2, corpus=str(WIKITEXT), out=tmp_path, model_name="m", seq_len=32)
+    stats = load_covariance(model, 0, dm=2, corpus=str(text_corpus), out=tmp_path, model_name="m", seq_len=32)
     assert stats.mean.shape == (40, 40)
 
 
-def test_load_covariance_is_raw_c0_and_needs_cache_or_tokenizer(tmp_path):
+def test_load_covariance_is_raw_c0_and_needs_cache_or_tokenizer(tmp_path, text_corpus):
     """Raw statistics: the editors apply λ and ε once; KeyStats.covariance shows C = λ·C0 + εI (ε relative)."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    kw = {"dm": 3, "corpus": str(WIKITEXT), "out": tmp_path, "model_name": "m", "seq_len": 32}
+    kw = {"dm": 3, "corpus": str(text_corpus), "out": tmp_path, "model_name": "m", "seq_len": 32}
     with pytest.raises(StatsCacheError, match="fastedit precompute"):
         load_covariance(model, 2, **kw)
     stats = load_covariance(model, 2, tokenizer=tok, **kw)
@@ -145,7 +145,7 @@ def test_keystats_condition_number():
     assert KeyStats(0, torch.zeros(2, 2, dtype=torch.float64), 1, {}).condition_number() == float("inf")
 
 
-def test_dm_full_counts_every_token_and_low_dm_warns(tmp_path, caplog):
+def test_dm_full_counts_every_token_and_low_dm_warns(tmp_path, caplog, text_corpus):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     corpus = tmp_path / "c.txt"
     corpus.write_text("Paris is in France.\n\nRome is in Italy.\nBerlin is in Germany.\n")
@@ -155,7 +155,7 @@ def test_dm_full_counts_every_token_and_low_dm_warns(tmp_path, caplog):
     )
     assert stats[0].count == expected and stats[0].metadata["dm"] == "full"
     with caplog.at_level(logging.WARNING, logger="fastedit"):
-        ensure_stats(model, tok, [0], dm=1, corpus=str(WIKITEXT), out=tmp_path / "o", **SMALL)
+        ensure_stats(model, tok, [0], dm=1, corpus=str(text_corpus), out=tmp_path / "o", **SMALL)
     assert "near-singular" in caplog.text
 
 
@@ -185,38 +185,50 @@ def test_structured_corpora(fmt, tmp_path):
     assert stats[0].count == 80 and stats[0].metadata["corpus_kind"] == "files"
 
 
-def test_offline_default_corpus_is_the_local_wikitext(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hub_up", [True, False])
+def test_default_corpus_is_the_wikitext_data_set_online_and_offline(tmp_path, monkeypatch, text_corpus, hub_up):
     import fastedit.models
+    from fastedit.data import add_dataset
 
-    monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: False)
-    monkeypatch.delenv("FASTEDIT_WIKITEXT", raising=False)
+    monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: hub_up)  # never consulted
+    monkeypatch.setenv("FASTEDIT_DATA", str(tmp_path / "data"))
+    add_dataset("wikitext-2", text_corpus)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     default = ensure_stats(model, tok, [0], dm=2, out=tmp_path / "a", **SMALL)[0]
-    explicit = ensure_stats(model, tok, [0], dm=2, corpus=str(WIKITEXT), out=tmp_path / "b", **SMALL)[0]
-    assert default.metadata["corpus"] == explicit.metadata["corpus"]
-    assert torch.equal(default.mean, explicit.mean)
+    by_name = ensure_stats(model, tok, [0], dm=2, corpus="wikitext-2", out=tmp_path / "b", **SMALL)[0]
+    explicit = ensure_stats(model, tok, [0], dm=2, corpus=str(text_corpus), out=tmp_path / "c", **SMALL)[0]
+    assert default.metadata["corpus"] == by_name.metadata["corpus"]  # file:wiki.test.raw:<content hash>
+    assert torch.equal(default.mean, explicit.mean) and torch.equal(by_name.mean, explicit.mean)
 
 
-def test_model_sampled_fallback_is_seeded_and_recorded(tmp_path, caplog, monkeypatch):
+def test_missing_data_set_corpus_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTEDIT_DATA", str(tmp_path / "empty"))
+    with pytest.raises(FasteditError, match=r"data set 'wikitext-2' is not in .*fastedit data add wikitext-2 FILE"):
+        ensure_stats(tiny_model("llama"), tiny_tokenizer(), [0], dm=2, corpus="wikitext-2", out=tmp_path, **SMALL)
+
+
+@pytest.mark.parametrize("hub_up", [True, False])
+def test_without_data_the_default_corpus_is_model_text_seeded_and_recorded(tmp_path, caplog, monkeypatch, hub_up):
     import fastedit.models
 
-    monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: False)  # as on this offline machine
-    monkeypatch.setenv("FASTEDIT_WIKITEXT", str(tmp_path / "no-wikitext.raw"))  # and no local WikiText copy
+    monkeypatch.setattr(fastedit.models, "_hub_reachable", lambda *a, **k: hub_up)  # the same either way
+    monkeypatch.setenv("FASTEDIT_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    monkeypatch.setattr("fastedit.stats.corpus.SAMPLE_NEW_TOKENS", 8)
-    with caplog.at_level(logging.WARNING, logger="fastedit"):
+    with caplog.at_level(logging.INFO, logger="fastedit"):
         a = ensure_stats(model, tok, [0], dm=2, out=tmp_path / "a", **SMALL)[0]
     assert "sampling text from the model" in caplog.text
     assert a.metadata["corpus_kind"] == "model" and a.metadata["corpus"].startswith("model-sampled")
+    assert a.count == 80 and a.metadata["seq_len"] == "32"
     b = ensure_stats(model, tok, [0], dm=2, out=tmp_path / "b", **SMALL)[0]
-    assert torch.equal(a.mean, b.mean) and a.count == 80
+    assert torch.equal(a.mean, b.mean)
     c = ensure_stats(model, tok, [0], dm=2, seed=1, out=tmp_path / "c", **SMALL)[0]
     assert not torch.equal(a.mean, c.mean)
 
 
-def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_run(tmp_path, monkeypatch, text_corpus):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    kw = {"dm": 8, "corpus": str(WIKITEXT), "model_name": "m", **SMALL, "batch_tokens": 32}  # 10 batches of 32
+    kw = {"dm": 8, "corpus": str(text_corpus), "model_name": "m", **SMALL, "batch_tokens": 32}  # 10 batches of 32
     reference = ensure_stats(model, tok, [0, 1], out=tmp_path / "ref", **kw)
     monkeypatch.setattr(precompute_mod, "CHECKPOINT_SECONDS", 0.0)
     calls = []
@@ -276,7 +288,7 @@ def _no_files(folder) -> bool:
         ({"out": "FILE/sub"}, StatsError, "cannot write statistics"),
     ],
 )
-def test_bad_input(kwargs, error, match, tmp_path):
+def test_bad_input(kwargs, error, match, tmp_path, text_corpus):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     (tmp_path / "empty.txt").write_text("\n \n")
     (tmp_path / "short.txt").write_text("Paris is in France.")
@@ -289,7 +301,7 @@ def test_bad_input(kwargs, error, match, tmp_path):
         "MISSING": tmp_path / "nope.txt",
         "FILE/sub": tmp_path / "file" / "sub",
     }
-    args = {"layers": [0], "dm": 2, "corpus": str(WIKITEXT), "out": tmp_path / "out", **kwargs}
+    args = {"layers": [0], "dm": 2, "corpus": str(text_corpus), "out": tmp_path / "out", **kwargs}
     for key in ("corpus", "out"):
         args[key] = str(names.get(str(args[key]), args[key]))
     with pytest.raises(error, match=match):
@@ -297,12 +309,12 @@ def test_bad_input(kwargs, error, match, tmp_path):
     assert _no_files(tmp_path / "out")
 
 
-def test_nan_activations_name_the_layer(tmp_path):
+def test_nan_activations_name_the_layer(tmp_path, text_corpus):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(StatsError, match=r"non-finite \(NaN/Inf\) keys at layer 1"):
-        ensure_stats(model, tok, [0, 1], dm=2, corpus=str(WIKITEXT), out=tmp_path, **SMALL)
+        ensure_stats(model, tok, [0, 1], dm=2, corpus=str(text_corpus), out=tmp_path, **SMALL)
     assert _no_files(tmp_path)
 
 

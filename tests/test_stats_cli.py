@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import WIKITEXT
 from tiny_models import tiny_model, tiny_tokenizer
 
 from fastedit.cli import cli
@@ -29,8 +28,8 @@ def _run(*args: str):
     return CliRunner().invoke(cli, ["precompute", *args], catch_exceptions=False)
 
 
-def test_precompute_cli_writes_then_hits_the_cache(tiny_folder, tmp_path):
-    args = ["--model", str(tiny_folder), "--dm", "2", "--layers", "0,2", "--corpus", str(WIKITEXT)]
+def test_precompute_cli_writes_then_hits_the_cache(tiny_folder, tmp_path, text_corpus):
+    args = ["--model", str(tiny_folder), "--dm", "2", "--layers", "0,2", "--corpus", str(text_corpus)]
     args += ["--seq-len", "32", "--batch-tokens", "64", "--out", str(tmp_path), "--eps", "0.01"]
     first = _run(*args)
     assert first.exit_code == 0, first.output
@@ -44,10 +43,10 @@ def test_precompute_cli_writes_then_hits_the_cache(tiny_folder, tmp_path):
     assert second.exit_code == 0 and second.stdout.count("cache hit") == 2
 
 
-def test_precompute_cli_layer_ranges_and_hparams(tiny_folder, tmp_path):
+def test_precompute_cli_layer_ranges_and_hparams(tiny_folder, tmp_path, text_corpus):
     hp = tmp_path / "hp.json"
     hp.write_text('{"method": "memit", "layers": [1], "clamp_norm_factor": 4.0, "v_weight_decay": 0.001}')
-    common = ["--model", str(tiny_folder), "--dm", "1", "--corpus", str(WIKITEXT), "--seq-len", "32"]
+    common = ["--model", str(tiny_folder), "--dm", "1", "--corpus", str(text_corpus), "--seq-len", "32"]
     result = _run(*common, "--hparams", str(hp), "--out", str(tmp_path / "a"))
     assert result.exit_code == 0 and "layers 1 (" in result.stdout
     result = _run(*common, "--layers", "0-2", "--out", str(tmp_path / "b"))
@@ -65,8 +64,8 @@ def test_precompute_cli_layer_ranges_and_hparams(tiny_folder, tmp_path):
         (["--hparams", "/nonexistent.json", "--layers", "0"], 1, "error: pass either --layers or --hparams"),
     ],
 )
-def test_precompute_cli_bad_input(tiny_folder, tmp_path, args, code, message):
-    base = ["--model", str(tiny_folder), "--corpus", str(WIKITEXT), "--out", str(tmp_path)]
+def test_precompute_cli_bad_input(tiny_folder, tmp_path, args, code, message, text_corpus):
+    base = ["--model", str(tiny_folder), "--corpus", str(text_corpus), "--out", str(tmp_path)]
     result = CliRunner().invoke(cli, ["precompute", *base, *args])
     assert result.exit_code == code
     assert message in result.output
@@ -74,11 +73,11 @@ def test_precompute_cli_bad_input(tiny_folder, tmp_path, args, code, message):
 
 
 @pytest.mark.distributed
-def test_torchrun_two_processes_equal_single_process(tiny_folder, tmp_path):
+def test_torchrun_two_processes_equal_single_process(tiny_folder, tmp_path, text_corpus):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not installed")
-    args = ["--model", str(tiny_folder), "--dm", "6", "--layers", "0,2", "--corpus", str(WIKITEXT)]
+    args = ["--model", str(tiny_folder), "--dm", "6", "--layers", "0,2", "--corpus", str(text_corpus)]
     args += ["--seq-len", "32", "--batch-tokens", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import WIKITEXT
 
 from fastedit.cli import cli
 from fastedit.stats.cache import read_stats
@@ -22,7 +21,7 @@ def _precompute(*args: str):
     return result
 
 
-def test_smollm2_c0_equals_plain_hooks_and_caches_do_not_mix(smollm2, tmp_path):
+def test_smollm2_c0_equals_plain_hooks_and_caches_do_not_mix(smollm2, tmp_path, wikitext):
     model, tok = smollm2
     args = [
         "--model",
@@ -32,7 +31,7 @@ def test_smollm2_c0_equals_plain_hooks_and_caches_do_not_mix(smollm2, tmp_path):
         "--layers",
         "4,8",
         "--corpus",
-        str(WIKITEXT),
+        str(wikitext),
         "--out",
         str(tmp_path),
     ]
@@ -41,7 +40,7 @@ def test_smollm2_c0_equals_plain_hooks_and_caches_do_not_mix(smollm2, tmp_path):
     assert len(files) == 2 and first.stdout.count("computed") == 2
 
     # Independent: the same 3072 tokens, one unpadded row at a time, plain hooks, the whole model.
-    rows = plan_rows(tok, resolve_corpus(str(WIKITEXT), model, tok).documents(0), 3072, DEFAULT_SEQ_LEN)
+    rows = plan_rows(tok, resolve_corpus(str(wikitext), model, tok).documents(0), 3072, DEFAULT_SEQ_LEN)
     assert sum(len(r) for r in rows) == 3072
     sums = {4: torch.zeros(1536, 1536, dtype=torch.float64), 8: torch.zeros(1536, 1536, dtype=torch.float64)}
 
@@ -68,7 +67,7 @@ def test_smollm2_c0_equals_plain_hooks_and_caches_do_not_mix(smollm2, tmp_path):
 
     assert _precompute(*args).stdout.count("cache hit") == 2
     # Another model into the same folder: its own files, and SmolLM2's are still hits.
-    other = ["--model", "gemma3-270m", "--dm", "0.5", "--layers", "4,8", "--corpus", str(WIKITEXT)]
+    other = ["--model", "gemma3-270m", "--dm", "0.5", "--layers", "4,8", "--corpus", str(wikitext)]
     assert _precompute(*other, "--out", str(tmp_path)).stdout.count("computed") == 2
     gemma_files = sorted(tmp_path.glob("gemma3-270m.layer*.safetensors"))
     assert [read_stats(f).d_k for f in gemma_files] == [2048, 2048]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import COUNTERFACT
 from tiny_models import TEXT, tiny_model, tiny_tokenizer
 
 from fastedit.arch import arch_for, capture
@@ -82,7 +81,7 @@ def test_clamping_silent_features_changes_nothing():
     assert torch.equal(before, after)
 
 
-def _small_cfg(tmp_path, **kw) -> UnlearnConfig:
+def _small_cfg(tmp_path, counterfact, **kw) -> UnlearnConfig:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 20)
     base = {
@@ -94,7 +93,7 @@ def _small_cfg(tmp_path, **kw) -> UnlearnConfig:
         "retain_corpus_tokens": 600,
         "multipliers": [25.0, 200.0],
         "norm_scales": [1.0],
-        "counterfact": str(COUNTERFACT),
+        "counterfact": str(counterfact),
         "corpus": str(corpus),
     }
     return UnlearnConfig(**{**base, **kw})
@@ -109,13 +108,14 @@ def _editor_hparams(tmp_path) -> dict[str, str]:
     return files
 
 
-def test_run_unlearning_writes_table_plot_every_grid_point_and_the_split(tmp_path, monkeypatch):
+def test_run_unlearning_writes_table_plot_every_grid_point_and_the_split(tmp_path, monkeypatch, counterfact):
     monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path / "cache"))  # the editors' statistics land here
     model, tok = tiny_model("llama"), tiny_tokenizer()
     sae = _random_sae(k=12)
     save_sae(sae, SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
     cfg = _small_cfg(
         tmp_path,
+        counterfact,
         editor_hparams=_editor_hparams(tmp_path),
         retain_max_drop=0.3,  # 4 of 14 answers may flip
         retain_thresholds=[0.001, 1.01],  # a random TopK SAE fires everywhere: only 1.01 leaves features
@@ -171,7 +171,7 @@ def test_run_unlearning_writes_table_plot_every_grid_point_and_the_split(tmp_pat
     assert (tmp_path / "out" / "unlearning.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_editor_rows_are_scored_on_held_out_paraphrases(tmp_path, monkeypatch):
+def test_editor_rows_are_scored_on_held_out_paraphrases(tmp_path, monkeypatch, counterfact):
     """The editor sees the rewrite prompt only; its forget accuracy is the paraphrases', recomputed here by
     installing the same edit independently (a model with peaked weights, so the edit takes)."""
     from test_editing_core import peaked
@@ -186,12 +186,12 @@ def test_editor_rows_are_scored_on_held_out_paraphrases(tmp_path, monkeypatch):
     hp = {"method": "memit", "layers": [0, 1], "clamp_norm_factor": 20, "v_weight_decay": 1e-3, "v_lr": 1.0}
     hp |= {"v_lr_relative": True, "v_num_grad_steps": 10, "kl_factor": 0.0, "mom2_update_weight": 1.0}
     (tmp_path / "memit.json").write_text(json.dumps(hp))
-    cfg = _small_cfg(tmp_path, editors=["memit"], editor_hparams={"memit": str(tmp_path / "memit.json")})
+    cfg = _small_cfg(tmp_path, counterfact, editors=["memit"], editor_hparams={"memit": str(tmp_path / "memit.json")})
     sets = build_question_sets(
         model,
         tok,
         "languages",
-        counterfact=COUNTERFACT,
+        counterfact=counterfact,
         candidates_per_topic=24,
         max_forget=8,
         retain_questions=14,
@@ -212,13 +212,13 @@ def test_editor_rows_are_scored_on_held_out_paraphrases(tmp_path, monkeypatch):
     assert row["score"] in (0.0, pytest.approx(1 - on_paraphrase))
 
 
-def test_retain_set_has_the_configured_size_spread_over_the_other_topics():
+def test_retain_set_has_the_configured_size_spread_over_the_other_topics(counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     sets = build_question_sets(
         model,
         tok,
         "languages",
-        counterfact=COUNTERFACT,
+        counterfact=counterfact,
         candidates_per_topic=40,
         max_forget=6,
         retain_questions=21,
@@ -236,7 +236,7 @@ def test_retain_set_has_the_configured_size_spread_over_the_other_topics():
             model,
             tok,
             "languages",
-            counterfact=COUNTERFACT,
+            counterfact=counterfact,
             candidates_per_topic=40,
             retain_questions=400,
             min_forget=2,
@@ -274,25 +274,29 @@ def test_one_forward_scoring_matches_scoring_each_answer_alone():
         assert w == (n_true < n_new) and t == first
 
 
-def test_an_earlier_result_is_kept_unless_overwrite(tmp_path):
+def test_an_earlier_result_is_kept_unless_overwrite(tmp_path, counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "unlearning.json").write_text("{}")
     with pytest.raises(FasteditError, match="--overwrite"):
-        run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path))
+        run_unlearning(
+            model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path, counterfact)
+        )
     assert (tmp_path / "out" / "unlearning.json").read_text() == "{}"
 
 
 def test_sae_of_another_width_fails_before_any_work(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(d_in=16), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
+    (tmp_path / "cf.json").write_text("[]")  # must exist (checked before the model loads), never parsed here
+    cfg = _small_cfg(tmp_path, tmp_path / "cf.json")
     with pytest.raises(FasteditError, match="d_in 16 does not match"):
-        run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=_small_cfg(tmp_path))
+        run_unlearning(model, [tmp_path / "sae"], tmp_path / "out", tokenizer=tok, config=cfg)
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch):
+def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch, counterfact):
     monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path / "cache"))
     model, tok = tiny_model("llama"), tiny_tokenizer()
     model.save_pretrained(tmp_path / "model")
@@ -318,18 +322,19 @@ def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch):
     assert res.exit_code == 1 and res.output.startswith("error:") and "SAELens layout" in res.output
     args = ["unlearn", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "s"), "--editors", ""]
     args += ["--candidates", "60", "--max-forget", "20", "--retain-questions", "14", "--corpus", str(corpus)]
-    args += ["--counterfact", str(COUNTERFACT), "--out", str(tmp_path / "u")]
+    args += ["--counterfact", str(counterfact), "--out", str(tmp_path / "u")]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "| topk |" in res.stdout and (tmp_path / "u" / "unlearning.png").exists()
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_stronger_clamps_after_a_failed_gate_are_skipped_only_when_asked(tmp_path, skip):
+def test_stronger_clamps_after_a_failed_gate_are_skipped_only_when_asked(tmp_path, skip, counterfact):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     save_sae(_random_sae(k=12), SAEInfo("tiny", 1), tmp_path / "sae", torch.zeros(32))
     cfg = _small_cfg(
         tmp_path,
+        counterfact,
         retain_thresholds=[1.01],  # every feature qualifies (a random TopK SAE fires everywhere)
         multipliers=[1e5, 2e5, 4e5],
         norm_scales=[],

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fastedit.progress import track
+
 _CACHE: dict[tuple[int, tuple[str, ...], int, int], list[str]] = {}
 
 
@@ -49,7 +51,7 @@ def context_templates(
         prefixes = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for text in seeds:
+            for text in track(seeds, desc="context templates", unit="prefix"):
                 sample = _sample(model, tokenizer, text, length, top_k)
                 clean = " ".join(sample.replace("{", " ").replace("}", " ").split())
                 prefixes.append(clean + ". {}")

@@ -133,12 +133,14 @@ def evaluate_requests(
     fluency_tokens: int = 100,
     fluency_prompts: int = 2,
     seed: int = 0,
+    desc: str = "evaluating",
 ) -> Metrics:
     """CounterFact (ES/PS/NS/Score, EM/PM/NM) and zsRE token accuracies of ``model`` on ``requests``.
 
     Every distinct (prompt, target) pair is scored once, in batches of ``batch_size``. With ``fluency``, the
     first ``fluency_prompts`` generation prompts of each case (else its rewrite prompt) are continued by
-    ``fluency_tokens`` seeded top-k samples and their n-gram entropy is averaged per case.
+    ``fluency_tokens`` seeded top-k samples and their n-gram entropy is averaged per case. ``desc`` names the
+    progress bar (hidden by ``fastedit -q``).
     """
     requests = as_requests(requests)
     groups = [_pairs_of(r) for r in requests]
@@ -146,13 +148,14 @@ def evaluate_requests(
     was_training = model.training
     model.eval()
     try:
-        scored = dict(zip(unique, score_pairs(model, tokenizer, unique, batch_size=batch_size), strict=True))
+        scored = dict(zip(unique, score_pairs(model, tokenizer, unique, batch_size=batch_size, desc=desc), strict=True))
         cases = []
         for request, g in zip(requests, groups, strict=True):
             cases.append(_case_metrics(request, {k: [scored[p] for p in v] for k, v in g.items()}))
         if fluency:
             prompts = [list(r.generation_prompts[:fluency_prompts]) or [r.rewrite_prompt()] for r in requests]
             flat = [p for ps in prompts for p in ps]
+            log.info("%s: generating %d continuations for fluency", desc, len(flat))
             texts = iter(generate(model, tokenizer, flat, max_new_tokens=fluency_tokens, seed=seed))
             for case, ps in zip(cases, prompts, strict=True):
                 case["fluency"] = _mean([ngram_entropy(next(texts)) for _ in ps])

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fastedit.progress import track
+
 
 @dataclass(frozen=True)
 class TargetScore:
@@ -60,15 +62,22 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def score_pairs(
-    model: torch.nn.Module, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    desc: str | None = None,
 ) -> list[TargetScore]:
-    """Score every (prompt, target) pair; returns one `TargetScore` per pair, in order."""
+    """Score every (prompt, target) pair; returns one `TargetScore` per pair, in order. With ``desc``, a progress
+    bar of that name counts the pairs."""
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), encoded[i][1]))
     results: list[TargetScore | None] = [None] * len(encoded)
     pad = _pad_id(tokenizer)
     device = _device(model)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in track(starts, desc=desc or "", unit="batch", show=desc is not None):
         rows = order[start : start + batch_size]
         seqs = [encoded[i][0] for i in rows]
         n_prompt = torch.tensor([encoded[i][1] for i in rows])

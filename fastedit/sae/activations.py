@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from fastedit.arch import arch_for, capture
 from fastedit.atomic import save_safetensors
-from fastedit.data import WIKITEXT_ENV, default_wikitext
+from fastedit.data import dataset_path
 from fastedit.errors import FasteditError
 from fastedit.models import cache_dir, model_name
+from fastedit.progress import track
 from fastedit.stats.corpus import Corpus, check_corpus, resolve_corpus
 from fastedit.stats.errors import CorpusError
 
@@ -33,15 +33,9 @@ CHARS_PER_TOKEN = 16  # read budget: generous (English BPE averages ~4 character
 
 
 def corpus_source(corpus: str | Path | None, model: Any = None, tokenizer: Any = None) -> Corpus:
-    """The corpus through the reader precompute uses (`fastedit.stats.corpus`); None: the WikiText-2 file."""
+    """The corpus through the reader precompute uses (`fastedit.stats.corpus`); None: the wikitext-2 data set."""
     if corpus is None:
-        path = default_wikitext()
-        if not path.exists():
-            raise CorpusError(
-                f"corpus file {str(path)!r} does not exist; pass --corpus (a .txt/.jsonl/.parquet file or folder, a "
-                f"datasets save_to_disk folder, or a dataset name:config) or set ${WIKITEXT_ENV}"
-            )
-        corpus = path
+        corpus = dataset_path("wikitext-2")  # one line saying how to add it when it is missing
     return resolve_corpus(str(corpus), model, tokenizer)
 
 
@@ -169,7 +163,7 @@ def stream_activations(
     name = hook_path(model, layer, site)
     windows, lengths = token_windows(tokenizer, texts, context, max_tokens)
     keep = _mask(tokenizer, windows, lengths)
-    for start in tqdm(range(0, len(windows), batch_size), desc="activations", disable=not progress, unit="batch"):
+    for start in track(range(0, len(windows), batch_size), desc="activations", unit="batch", show=progress):
         ids = windows[start : start + batch_size]
         attn = (torch.arange(ids.shape[1])[None, :] < lengths[start : start + batch_size, None]).long()
         with capture(model, [name], stop_after=name) as rec:

@@ -29,8 +29,6 @@ from fastedit.errors import FasteditError, RequestError
 
 log = logging.getLogger(__name__)
 
-COUNTERFACT_ENV = "FASTEDIT_COUNTERFACT"
-
 TOPIC_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("languages", ("language", "speak", "speaker", "writes in", "mother tongue", "understand")),
     ("sports_music", ("plays", "play", "position", "instrument", "perform", "genre", "sport")),
@@ -63,11 +61,10 @@ class Question:
 
 
 def default_counterfact() -> Path:
-    import os
+    """The flat CounterFact file: the ``counterfact`` data set (a one-line error says how to add it)."""
+    from fastedit.data import dataset_path
 
-    if os.environ.get(COUNTERFACT_ENV):
-        return Path(os.environ[COUNTERFACT_ENV])
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
+    return dataset_path("counterfact")
 
 
 def read_counterfact(path: str | Path | None = None) -> list[Question]:
@@ -76,12 +73,13 @@ def read_counterfact(path: str | Path | None = None) -> list[Question]:
     Records are parsed by the editors' request reader (`fastedit.requests.load_requests`); invalid ones
     (e.g. target_new equal to the true answer) are skipped.
     """
+    from fastedit.data import resolve_data
     from fastedit.requests import load_requests
 
-    path = Path(path) if path is not None else default_counterfact()
+    path = resolve_data(path) if path is not None else default_counterfact()
     if not path.exists():
         raise FasteditError(
-            f"CounterFact file {str(path)!r} does not exist; pass --counterfact or set ${COUNTERFACT_ENV}"
+            f"CounterFact file {str(path)!r} does not exist; pass --counterfact FILE or a data-set name (counterfact)"
         )
     try:
         parsed = load_requests(path, skip_invalid=True)

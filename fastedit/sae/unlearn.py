@@ -45,13 +45,21 @@ import torch
 from fastedit.arch import arch_for, edit_output, mlp_out_param
 from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
+from fastedit.data import resolve_data
 from fastedit.errors import FasteditError
 from fastedit.models import load_model, model_name
-from fastedit.sae.activations import check_sae_corpus, default_wikitext, hook_path, read_corpus, stream_activations
+from fastedit.sae.activations import check_sae_corpus, hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, load_sae
 from fastedit.sae.model import SAE
-from fastedit.sae.questions import Question, QuestionSets, build_question_sets, make_probe, score_in_batches
+from fastedit.sae.questions import (
+    Question,
+    QuestionSets,
+    build_question_sets,
+    default_counterfact,
+    make_probe,
+    score_in_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +379,8 @@ def edit_row(
     try:
         hp_file = cfg.editor_hparams.get(method) or hparams_path(method, model)
         hp = load_hparams(method, model, hp_file)
-        corpus = cfg.corpus or str(default_wikitext())
-        computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=corpus)
+        # C0 from the retain corpus when one is named, else the default corpus (wikitext-2 data set or model text)
+        computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=cfg.corpus or None)
         stats = {layer: ks.mean for layer, ks in computed.items()}  # C0 per edited layer
         values, shared = _shared_targets(model, tok, requests, hp, values_cache)
         with _restored_weights(model):
@@ -499,6 +507,10 @@ def run_unlearning(
     """
     cfg = config or UnlearnConfig()
     check_sae_corpus(cfg.corpus or None)  # before the model loads
+    questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
+    if not questions.is_file():
+        raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
+                            "CounterFact file or `fastedit data add counterfact FILE`")  # fmt: skip
     out = Path(out)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:

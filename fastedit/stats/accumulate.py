@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from fastedit.arch import ArchSpec, capture
+from fastedit.progress import bar as progress_bar
 from fastedit.stats.errors import StatsError
 from fastedit.stats.tokens import Batch
 
@@ -80,14 +80,13 @@ def accumulate(
     names = {layer: spec.path("mlp_out", layer) for layer in moments}
     stop = names[max(moments)]
     device = input_device(model)
-    bar = tqdm(
+    bar = progress_bar(
         total=total_tokens,
         initial=initial_tokens,
         unit="tok",
         unit_scale=True,
         desc=f"keys at layers {','.join(map(str, sorted(moments)))}",
-        disable=not progress,
-        leave=False,
+        show=progress,
     )
     try:
         for i, batch in enumerate(batches):

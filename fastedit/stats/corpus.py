@@ -13,13 +13,16 @@ import logging
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastedit.stats.errors import CorpusError
+from fastedit.stats.sampler import SamplerConfig, sample_rows, sampled_rows, special_prefix
+
+__all__ = ["Corpus", "hub_corpus", "local_corpus", "model_corpus", "resolve_corpus", "special_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +32,11 @@ PARQUET_SUFFIXES = (".parquet",)
 KNOWN_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 TEXT_FIELDS = ("text", "content", "document", "article")
 
-# Used when no corpus is given and the hub is reachable.
-DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
+DEFAULT_DATASET = "wikitext-2"  # without --corpus: this data set when present (fastedit.data), else model text
 MODEL_CORPUS = "model"  # --corpus model: text sampled from the model itself
 
 DOC_CHARS = 4000  # text files: a document ends at a blank line or at the first line end after this many chars
 SHUFFLE_BUFFER = 10_000  # documents; a file smaller than this is shuffled completely
-
-# Model-sampled text: short seeded generations from common sentence openers (as MEMIT's prefix templates do).
-SAMPLE_OPENERS = ("The", "In", "A", "It", "Therefore", "Because", "I", "You", "This", "When", "On", "He")
-SAMPLE_NEW_TOKENS = 128
-SAMPLE_BATCH = 16
-SAMPLE_TOP_P = 0.95
 
 
 @dataclass(frozen=True)
@@ -53,6 +49,11 @@ class Corpus:
     describe: str  # for logs and errors
     finite: bool
     _documents: Callable[[int], Iterator[str]]
+    # Corpora that come as token rows (model samples): (seed, n_tokens, row_len, progress bar?) -> rows of n_tokens
+    # positions, each row_len long but the last; the statistics use them instead of packing documents. row_tokens
+    # caps the row length (shorter rows are cheaper to sample; every position counts either way).
+    rows: Callable[[int, int, int, bool], list[torch.Tensor]] | None = None
+    row_tokens: int | None = None
 
     def documents(self, seed: int) -> Iterator[str]:
         return self._documents(seed)
@@ -347,7 +348,11 @@ def check_corpus(corpus: str | None) -> None:
     text = str(corpus)
     if not text.strip():
         raise CorpusError("empty corpus name; pass a .txt/.jsonl/.parquet file or folder, or a dataset name:config")
-    if _looks_like_path(text):
+    from fastedit.data import KNOWN, dataset_path
+
+    if text in KNOWN and not Path(text).exists():  # a data-set name: present in the data directory, or one line
+        local_corpus(str(dataset_path(text)))
+    elif _looks_like_path(text):
         local_corpus(text)
     elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?(:[\w.-]+)?", text):
         hub_corpus(text)
@@ -366,7 +371,7 @@ def hub_corpus(spec: str, split: str = "train") -> Corpus:
     if not _hub_reachable():
         raise CorpusError(
             f"corpus {spec!r} is a Hugging Face dataset and the hub is unreachable; pass a local .txt/.jsonl/.parquet "
-            "file or folder, or omit --corpus to sample text from the model itself"
+            "file or folder, a data-set name (wikitext-2), or 'model' for text sampled from the model itself"
         )
 
     def documents(seed: int) -> Iterator[str]:
@@ -383,58 +388,33 @@ def hub_corpus(spec: str, split: str = "train") -> Corpus:
     )
 
 
-# ---- text sampled from the model ---------------------------------------------------------------------------
+# ---- text sampled from the model (fastedit.stats.sampler) ------------------------------------------------------
 
 
-def special_prefix(tokenizer: Any) -> list[int]:
-    """Token ids the tokenizer puts before any text (e.g. Gemma's <bos>; none for SmolLM2)."""
-    with_special = tokenizer("a").input_ids
-    bare = tokenizer("a", add_special_tokens=False).input_ids
-    for start in range(len(with_special) - len(bare) + 1):
-        if with_special[start : start + len(bare)] == bare:
-            return list(with_special[:start])
-    return []
+def model_corpus(model: Any, tokenizer: Any, cfg: SamplerConfig | None = None) -> Corpus:
+    """Token rows sampled from the model (`sampler.sampled_rows`, cached); ``documents`` decodes fresh rows."""
+    cfg = cfg or SamplerConfig()
 
+    def documents(seed: int) -> Iterator[str]:
+        skip = len(special_prefix(tokenizer))
+        start = 0
+        while True:
+            for row in sample_rows(model, tokenizer, range(start, start + cfg.batch_rows), seed, cfg, show=False):
+                yield tokenizer.decode(row[skip:], skip_special_tokens=True)
+            start += cfg.batch_rows
 
-@torch.no_grad()
-def _sampled_documents(model: Any, tokenizer: Any, seed: int) -> Iterator[str]:
-    """Endless seeded generations: batch b continues opener b mod len(openers), sampled with top-p."""
-    device = next(model.parameters()).device
-    prefix = special_prefix(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = 0
-    while True:
-        opener = SAMPLE_OPENERS[batch % len(SAMPLE_OPENERS)]
-        ids = prefix + tokenizer(opener, add_special_tokens=False).input_ids
-        input_ids = torch.tensor([ids] * SAMPLE_BATCH, device=device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1_000_003 + batch)
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                top_p=SAMPLE_TOP_P,
-                top_k=0,
-                temperature=1.0,
-                max_new_tokens=SAMPLE_NEW_TOKENS,
-                pad_token_id=pad,
-            )
-        for row in out:
-            text = tokenizer.decode(row[len(prefix) :], skip_special_tokens=True)
-            if text.strip():
-                yield text
-        batch += 1
+    def rows(seed: int, n_tokens: int, row_len: int, show: bool) -> list[torch.Tensor]:
+        return sampled_rows(model, tokenizer, n_tokens, seed=seed, cfg=replace(cfg, row_tokens=row_len), show=show)
 
-
-def model_corpus(model: Any, tokenizer: Any) -> Corpus:
-    settings = f"openers{len(SAMPLE_OPENERS)}-new{SAMPLE_NEW_TOKENS}-topp{SAMPLE_TOP_P}"
     return Corpus(
         "model",
-        f"model-sampled:{settings}",
+        f"model-sampled:{cfg.settings()}",
         "model-sampled",
         "text sampled from the model",
         False,
-        lambda seed: _sampled_documents(model, tokenizer, seed),
+        documents,
+        rows=rows,
+        row_tokens=cfg.row_tokens,
     )
 
 
@@ -451,28 +431,25 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_corpus(corpus: str | None, model: Any, tokenizer: Any) -> Corpus:
-    """A local file/folder, ``model``, or a HF dataset name; ``None``: the default HF corpus when the hub is
-    reachable, else the local WikiText-2 file (`fastedit.data`), else text sampled from the model (logged, and
-    recorded in the cache metadata)."""
+    """A local file/folder, a data-set name (``wikitext-2``, see `fastedit.data`), ``model``, or a HF dataset
+    ``name:config`` (the only case that needs the hub). ``None``: the wikitext-2 data set when it is in the data
+    directory, else text sampled from the model; the same online and offline, recorded in the cache metadata."""
+    from fastedit.data import KNOWN, dataset_path, find_dataset
+
     if corpus is None:
-        from fastedit.models import _hub_reachable
-
-        if _hub_reachable():
-            log.info("no corpus given: streaming %s from the hub", DEFAULT_HUB_CORPUS)
-            return hub_corpus(DEFAULT_HUB_CORPUS)
-        from fastedit.data import default_wikitext
-
-        wikitext = default_wikitext()
-        if wikitext.is_file():  # offline, with the local WikiText-2 copy (DESIGN's generic text here)
-            log.info("no corpus given and the hub is unreachable: using the local WikiText-2 file %s", wikitext)
+        wikitext = find_dataset(DEFAULT_DATASET)
+        if wikitext is not None:
+            log.info("no corpus given: using the %s data set %s", DEFAULT_DATASET, wikitext)
             return local_corpus(str(wikitext))
-        log.warning(
-            "no corpus given, the Hugging Face hub is unreachable and there is no local WikiText-2 file (%s; set "
-            "$FASTEDIT_WIKITEXT): sampling text from the model itself (seeded; recorded in the cache metadata). "
-            "Pass --corpus FILE for generic text.",
-            wikitext,
+        log.info(
+            "no corpus given and no %s data set (`fastedit data add %s FILE`): sampling text from the model "
+            "(seeded, cached, recorded in the statistics metadata)",
+            DEFAULT_DATASET,
+            DEFAULT_DATASET,
         )
         return model_corpus(model, tokenizer)
+    if str(corpus) in KNOWN and not Path(str(corpus)).exists():
+        return local_corpus(str(dataset_path(str(corpus))))
     corpus = str(corpus)
     if not corpus.strip():
         raise CorpusError("empty corpus name; pass a .txt/.jsonl/.parquet file or folder, or a dataset name:config")

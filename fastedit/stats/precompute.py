@@ -118,11 +118,21 @@ def _short_corpus_error(src: Corpus, total: int, need: int, dm: float, d_k: int,
 
 
 def _plan(
-    src: Corpus, tokenizer: Any, seed: int, n_plan: int | None, dm: float | None, d_k: int, seq_len: int
+    src: Corpus,
+    tokenizer: Any,
+    seed: int,
+    n_plan: int | None,
+    dm: float | None,
+    d_k: int,
+    seq_len: int,
+    progress: bool = True,
 ) -> list[torch.Tensor]:
     if tokenizer is None:
         raise StatsError("a tokenizer is needed to compute statistics; pass tokenizer=")
-    rows = plan_rows(tokenizer, src.documents(seed), n_plan, seq_len)
+    if src.rows is not None and n_plan is not None:
+        rows = src.rows(seed, n_plan, seq_len, progress)  # token rows from the source (model samples) as they are
+    else:
+        rows = plan_rows(tokenizer, src.documents(seed), n_plan, seq_len)
     total = sum(len(r) for r in rows)
     if total == 0:
         raise CorpusError(f"corpus {src.describe} contains no text; pass a corpus with documents in it")
@@ -184,7 +194,7 @@ def _compute(
     if rank == 0:
         try:
             cache.check_writable(folder)
-            rows = _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len)
+            rows = _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len, progress)
         except Exception:
             broadcast_rows(None)  # release the other ranks before failing
             raise
@@ -295,6 +305,9 @@ def run_stats(
     folder = Path(out).expanduser() if out is not None else default_stats_dir(name)
     slug = cache.model_slug(name)
     src = resolve_corpus(corpus, model, tokenizer)
+    if src.row_tokens is not None and src.row_tokens < seq_len:
+        log.info("%s: rows of %d tokens (not %d)", src.describe, src.row_tokens, seq_len)
+        seq_len = src.row_tokens
     tag = f"{src.slug}.dm{dm_tag(dm_value)}.s{seed}.len{seq_len}"
 
     expected: dict[int, dict[str, str]] = {}
@@ -362,8 +375,9 @@ def ensure_stats(
     """C0 for every layer in ``layers``: cached files are loaded (and checked against the model), the missing
     layers are computed together in one forward pass per batch that stops after the last of them, then cached.
 
-    ``corpus``: a local .txt/.jsonl/.parquet file or folder, a HF dataset ``name:config`` (hub needed), ``"model"``,
-    or None (default HF corpus when the hub is reachable, else text sampled from the model, logged and recorded).
+    ``corpus``: a local .txt/.jsonl/.parquet file or folder, a data-set name (``wikitext-2``), a HF dataset
+    ``name:config`` (hub needed), ``"model"``, or None (the wikitext-2 data set when present, else text sampled
+    from the model; logged and recorded in the metadata).
     ``dm``: keys per layer N = dm·d_k, or ``"full"`` for the whole corpus. ``out``: folder of the cache files
     (default ``cache_dir()/stats/<model>``). ``model_name`` names the model in file names and metadata.
     """
