@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from dm_sweep import compute_all_values
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
-from fastedit.editing.requests import load_requests
+from fastedit.requests import load_requests
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict

@@ -150,7 +150,7 @@ def check_layout(name: str, path: Path) -> str:
         if not text.strip():
             raise DataError(f"{path} is empty; data set {name!r} is plain text")
         return f"{len(text.split()):,} words of text"
-    from fastedit.editing.requests import load_requests
+    from fastedit.requests import load_requests
 
     try:
         parsed = load_requests(path, skip_invalid=True)

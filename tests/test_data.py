@@ -104,7 +104,7 @@ def test_fetch_offline_says_how_to_add_a_local_copy(data_dir, monkeypatch):
 
 
 def test_names_resolve_where_files_are_expected(data_dir, tmp_path):
-    from fastedit.editing.requests import load_requests
+    from fastedit.requests import load_requests
 
     from fastedit.sae.questions import read_counterfact
 
