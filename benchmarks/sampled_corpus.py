@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from dm_sweep import compute_all_values
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
-from fastedit.requests import load_requests
 
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.config import config_to_dict
@@ -27,6 +26,7 @@ from fastedit.editing.api import evaluate
 from fastedit.editing.engine import apply_edit, restore_weights
 from fastedit.editing.hparams import load_hparams
 from fastedit.models import load_model
+from fastedit.requests import load_requests
 from fastedit.stats import condition_number, run_stats
 
 METRICS = ("es", "ps", "ns", "score")

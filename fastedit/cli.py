@@ -223,7 +223,12 @@ def patch_show(patch_file: str) -> None:
 
 @patch.command("apply")
 @click.argument("patch_file", type=click.Path(dir_okay=False))
-@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="The model the patch was made for (alias, hub id, folder, .gguf).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
 @click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -236,7 +241,12 @@ def patch_apply(patch_file: str, model: str, out: str, dtype: str, overwrite: bo
 
 @patch.command("revert")
 @click.argument("patch_file", type=click.Path(dir_okay=False))
-@click.option("--model", required=True, help="A model carrying the patch (e.g. a folder from `patch apply`).")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="A model carrying the patch (e.g. a folder from `patch apply`).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help=_OUT_HELP)
 @click.option("--dtype", type=_DTYPE, default="float32", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -249,7 +259,12 @@ def patch_revert(patch_file: str, model: str, out: str, dtype: str, overwrite: b
 
 @cli.command("export")
 @click.argument("patch_file", type=click.Path(dir_okay=False))
-@click.option("--model", required=True, help="The model the patch was made for (alias, hub id, folder or .gguf).")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="The model the patch was made for (alias, hub id, folder, .gguf).",
+)
 @click.option("--out", required=True, type=click.Path(), help="Output folder (or a .gguf file for --format gguf).")
 @click.option(
     "--format",

@@ -105,7 +105,6 @@ def test_fetch_offline_says_how_to_add_a_local_copy(data_dir, monkeypatch):
 
 def test_names_resolve_where_files_are_expected(data_dir, tmp_path):
     from fastedit.requests import load_requests
-
     from fastedit.sae.questions import read_counterfact
 
     add_dataset("counterfact", _write(tmp_path / "cf.json", [FLAT, {**FLAT, "case_id": 1}]))

@@ -506,11 +506,11 @@ def run_unlearning(
     only replaced with ``overwrite``.
     """
     cfg = config or UnlearnConfig()
-    check_sae_corpus(cfg.corpus or None)  # before the model loads
     questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
     if not questions.is_file():
         raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
                             "CounterFact file or `fastedit data add counterfact FILE`")  # fmt: skip
+    check_sae_corpus(cfg.corpus or None)  # before the model loads
     out = Path(out)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
