@@ -33,13 +33,13 @@ def _nll(model, tok, prompt: str, target: str) -> float:
 
 
 @pytest.mark.parametrize(("method", "n"), [("memit", 2), ("rome", 1)])
-def test_edit_makes_the_new_target_win(smollm2, method, n, wikitext):
+def test_edit_makes_the_new_target_win(smollm2, method, n, wikitext, counterfact):
     from fastedit.stats import ensure_stats
 
     model, tok = smollm2
     hp = load_hparams(method, model).replace(v_mode="fast")
     stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(wikitext), progress=False)
-    requests = _requests(n)
+    requests = _requests(n, counterfact)
     spec = arch_for(model)
     with restored_after(model, spec, hp.layers):
         before = [_nll(model, tok, r.rewrite_prompt(), r.target_new) for r in requests]
@@ -57,7 +57,7 @@ def _next_token_logprobs(model, tok, prompt: str) -> torch.Tensor:
     return torch.log_softmax(model(input_ids=torch.tensor([tok(prompt).input_ids])).logits[0, -1], -1)
 
 
-def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3, wikitext):
+def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3, wikitext, counterfact):
     """Gemma 3's tuned MEMIT: per-layer targets are realised (λ 15,000 would realise ~25%), the new target wins,
     and an unrelated prompt's next-token distribution barely moves."""
     from fastedit.stats import ensure_stats
@@ -67,7 +67,7 @@ def test_gemma_edit_realises_its_targets_through_the_post_mlp_norm(gemma3, wikit
     assert hp.post_norm == "per_layer" and hp.mom2_update_weight <= 3000  # the tuned file, not the family one
     stats = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=str(wikitext), progress=False)
     covs = {k: v.mean for k, v in stats.items()}
-    requests = _requests(2)
+    requests = _requests(2, counterfact)
     unrelated = "The chemical symbol of gold is"
     spec = arch_for(model)
     with restored_after(model, spec, hp.layers):
