@@ -103,10 +103,10 @@ def train_sae(
     """
     if arch not in ARCHS:
         raise FasteditError(f"unknown SAE arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    check_sae_corpus(corpus)
     if is_occupied(Path(out)) and not overwrite:
         raise OutputError(f"SAE folder {str(out)!r} already exists; choose another --out or pass --overwrite")
     check_writable(Path(out).parent, "the SAE folder")
+    check_sae_corpus(corpus)
     model, tokenizer = _model(model, tokenizer)
     from fastedit.arch import arch_for
 
