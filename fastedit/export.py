@@ -110,28 +110,30 @@ def save_model_folder(
     return out
 
 
-def apply_to_folder(
-    patch: Patch | str | Path, model: str, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
+def _patched_folder(
+    patch: Patch | str | Path, model: str, out: str | Path, step: Any, *, dtype: str, overwrite: bool
 ) -> Path:
-    """Load ``model``, apply the patch (fingerprint-checked) and save the edited model to ``out``."""
+    """Load ``model``, run ``step`` (apply_patch or revert_patch, both fingerprint-checked), save to ``out``."""
     patch = _patch(patch)
     _dtype(dtype)
     _check_free(Path(out), overwrite)
     loaded, tokenizer = _load(model)
-    apply_patch(loaded, patch)
+    step(loaded, patch)
     return save_model_folder(loaded, tokenizer, out, dtype=dtype, overwrite=overwrite)
+
+
+def apply_to_folder(
+    patch: Patch | str | Path, model: str, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
+) -> Path:
+    """Load ``model``, apply the patch (fingerprint-checked) and save the edited model to ``out``."""
+    return _patched_folder(patch, model, out, apply_patch, dtype=dtype, overwrite=overwrite)
 
 
 def revert_to_folder(
     patch: Patch | str | Path, model: str, out: str | Path, *, dtype: str = "float32", overwrite: bool = False
 ) -> Path:
     """Load an edited ``model`` (e.g. a folder from `apply_to_folder`), revert the patch, save it to ``out``."""
-    patch = _patch(patch)
-    _dtype(dtype)
-    _check_free(Path(out), overwrite)
-    loaded, tokenizer = _load(model)
-    revert_patch(loaded, patch)
-    return save_model_folder(loaded, tokenizer, out, dtype=dtype, overwrite=overwrite)
+    return _patched_folder(patch, model, out, revert_patch, dtype=dtype, overwrite=overwrite)
 
 
 def describe_patch(patch: Patch | str | Path) -> str:
