@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from fastedit.arch import arch_for, mlp_out_param
 from fastedit.atomic import save_safetensors, write_text
 from fastedit.editing.hparams import EditHparams
+from fastedit.editing.patch import tensor_sha256
 from fastedit.editing.values import ValueResult, values_key
 from fastedit.requests import EditRequest
 
@@ -32,12 +33,6 @@ SAMPLED_ELEMENTS = 4096  # per parameter: enough to tell checkpoints apart, chea
 FORMAT = "fastedit-targets/1"
 
 
-def _hash_tensor(digest: Any, tensor: torch.Tensor) -> None:
-    data = tensor.detach().to("cpu").contiguous()
-    digest.update(str((tuple(data.shape), str(data.dtype))).encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-
-
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module, layers: Sequence[int]) -> str:
     """sha256 over the config, every parameter sampled on a stride, and the edited layers' mlp_out in full."""
@@ -45,11 +40,10 @@ def weights_fingerprint(model: torch.nn.Module, layers: Sequence[int]) -> str:
     for name, param in model.named_parameters():
         flat = param.reshape(-1)
         step = max(1, flat.numel() // SAMPLED_ELEMENTS)
-        digest.update(name.encode())
-        _hash_tensor(digest, flat[::step])
+        digest.update(f"{name}:{tensor_sha256(flat[::step])}".encode())
     spec = arch_for(model)
     for layer in layers:
-        _hash_tensor(digest, mlp_out_param(model, spec, layer))
+        digest.update(tensor_sha256(mlp_out_param(model, spec, layer)).encode())
     return digest.hexdigest()
 
 
