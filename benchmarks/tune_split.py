@@ -114,7 +114,30 @@ def main() -> None:
     parser.add_argument("--facts", default=str(FACTS))
     parser.add_argument("--dm", type=float, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is).")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=V1,V2",
+        help="Replace one grid axis, e.g. memit.mom2_update_weight=1,2,4 (MEMIT's λ axis is in factors).",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="Override one hparam of every method (e.g. v_nll_stop=0.2) before tuning; recorded in the JSON.",
+    )
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tune_split_<model>.json).")
+    parser.add_argument("--tune-only", action="store_true", help="Stop after the tune split's rows and choice.")
     args = parser.parse_args()
+    for spec in args.grid:
+        key, _, vals = spec.partition("=")
+        method, _, axis = key.partition(".")
+        if method not in GRIDS or axis not in GRIDS[method] or not vals:
+            parser.error(f"--grid {spec!r}: expected METHOD.KEY=V1,V2 with an axis of {GRIDS}")
+        GRIDS[method][axis] = [float(v) for v in vals.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -128,10 +151,13 @@ def main() -> None:
     sets = {"tune": split(args.tune), "report": split(args.report), "facts": load_requests(facts).requests}
     model, tok = fastedit.load_model(args.model)
     hps = {m: load_hparams(m, model) for m in methods}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        hps = {m: hp.replace(**{key: type(getattr(hp, key))(json.loads(value))}) for m, hp in hps.items()}
     layers = sorted({layer for hp in hps.values() for layer in hp.layers})
     stats = {k: v.mean for k, v in ensure_stats(model, tok, layers, dm=args.dm, corpus=str(corpus)).items()}
     folder = cache_dir() / "targets" / model_slug(args.model)
-    out_path = RESULTS / f"tune_split_{args.model}.json"
+    out_path = Path(args.out) if args.out else RESULTS / f"tune_split_{args.model}.json"
     record: dict[str, Any] = {
         "config": {
             "model": args.model, "methods": methods, "tune": args.tune, "report": args.report, "dm": args.dm,
@@ -140,14 +166,14 @@ def main() -> None:
                 "corpus": {"file": corpus.name, "sha256": sha256(corpus)},
                 "facts": {"file": facts.name, "sha256": sha256(facts), "n": len(sets["facts"])},
             },
-            "grids": GRIDS, "ns_slack": NS_SLACK, "threads": torch.get_num_threads(),
+            "grids": GRIDS, "overrides": args.overrides, "ns_slack": NS_SLACK, "threads": torch.get_num_threads(),
             "hparams": {m: config_to_dict(hp) for m, hp in hps.items()},
         },
         "unedited": {}, "values_seconds": {}, "tune_rows": {}, "chosen": {}, "results": {},
     }  # fmt: skip
 
     def save() -> None:
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, out_path)
@@ -178,6 +204,8 @@ def main() -> None:
         best = pick(rows, record["unedited"]["tune"]["ns"])
         record["chosen"][method] = {k: best[k] for k in GRIDS[method]}
         save()
+    if args.tune_only:
+        return
     for name in ("report", "facts"):
         for method in methods:
             tuned = hps[method].replace(**record["chosen"][method])

@@ -13,11 +13,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastedit.atomic import write_with
 from fastedit.errors import FasteditError
 
 log = logging.getLogger(__name__)
@@ -178,19 +178,13 @@ def _install(name: str, write: Callable[[Path], None], check: bool = True) -> Da
     """Write the data set into a temp file in the data directory, check its layout (unless the source was checked
     already), then rename it into place."""
     known = _known(name)
-    folder = data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{known.file}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write_checked(tmp: Path) -> None:
         write(tmp)
         if check:
             log.info("data set %s: %s", name, check_layout(name, tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / known.file)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_with(data_dir() / known.file, write_checked)
     return status(name)
 
 

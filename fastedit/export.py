@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastedit.arch import arch_for
+from fastedit.atomic import atomic_folder, write_with
 from fastedit.editing.patch import Patch, apply_patch, revert_patch
 from fastedit.errors import PatchError
 from fastedit.models import hub_model_id
@@ -57,33 +54,6 @@ def _check_free(out: Path, overwrite: bool) -> None:
         raise ExportError(f"{str(out)!r} already exists; choose a new --out or pass --overwrite")
 
 
-@contextmanager
-def _staged(out: Path, overwrite: bool, *, is_dir: bool) -> Iterator[Path]:
-    """A temp folder/file next to ``out``, renamed into place only when the body finished (never half-written)."""
-    _check_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        if out.exists():  # --overwrite: the old output goes only once the new one is complete
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        if not is_dir:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, out)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-
-
 # ---- models ------------------------------------------------------------------------------------------------
 
 
@@ -104,7 +74,7 @@ def save_model_folder(
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    with _staged(out, overwrite, is_dir=True) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         model.to(target).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out
@@ -215,7 +185,7 @@ def export_peft(
     revert_patch(loaded, patch)
     wrapped = peft_model_of(loaded, patch)
     wrapped.peft_config["default"].base_model_name_or_path = hub_model_id(model)  # what users load it onto
-    with _staged(out, overwrite, is_dir=True) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         wrapped.to(target).save_pretrained(tmp)
     return out
 
@@ -314,10 +284,16 @@ def export_gguf(
     del loaded
     if spec.gguf_mlp_out is None:
         raise ExportError(f"the registry has no GGUF tensor name for {spec.model_type}'s mlp_out")
-    with _staged(out, overwrite, is_dir=False) as tmp:
-        stored = write_edited_gguf(
-            patch, source, tmp, lambda layer: spec.gguf_mlp_out.format(i=layer), requantize=requantize
+    stored: dict[str, str] = {}
+
+    def write(tmp: Path) -> None:
+        stored.update(
+            write_edited_gguf(
+                patch, source, tmp, lambda layer: spec.gguf_mlp_out.format(i=layer), requantize=requantize
+            )
         )
+
+    write_with(out, write, overwrite=overwrite)
     log.info("wrote %s (edited tensors: %s)", out, json.dumps(stored))
     return out
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from fastedit.atomic import save_safetensors
 from fastedit.progress import bar
 
 log = logging.getLogger(__name__)
@@ -189,13 +188,7 @@ def _read(path: Path, cfg: SamplerConfig) -> torch.Tensor | None:
 
 
 def _write(path: Path, ids: torch.Tensor, meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({"ids": ids.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors(path, {"ids": ids.to(torch.int32)}, meta)
 
 
 def sampled_rows(
