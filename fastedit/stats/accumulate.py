@@ -64,7 +64,7 @@ class SecondMoment:
         start = time.perf_counter()
         dtype = torch.float64 if self.exact or keys.dtype == torch.float64 else torch.float32
         k = keys.to(dtype=dtype)  # bf16/fp16 products are exact in float32
-        self.sum.add_((k.T @ k).to(device=self.sum.device, dtype=torch.float64))
+        self.sum.add_((k.T @ k).to(self.sum.device))  # add_ widens to float64 element-wise, no float64 copy
         self.seconds += time.perf_counter() - start
         self.count += int(keys.shape[0])
 
