@@ -44,6 +44,7 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.subject import subject_last_index
 from fastedit.errors import FasteditError
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,12 @@ class ValueResult:
     key: str = ""
     delta: torch.Tensor | None = None  # δ, shaped like init
 
+    def to(self, device: torch.device | str) -> ValueResult:
+        """The same result with its tensors on ``device`` (in place; returns self)."""
+        self.init, self.targets = self.init.to(device), self.targets.to(device)
+        self.delta = None if self.delta is None else self.delta.to(device)
+        return self
+
 
 def compute_values(
     model: torch.nn.Module,
@@ -176,11 +183,47 @@ def compute_values(
                 _optimise(model, tokenizer, spec, [requests[i] for i in g], sites, layer, contexts, hp, fast=fast)
             )
             bar.update(len(g))
-    init, targets = torch.cat([p.init for p in parts]), torch.cat([p.targets for p in parts])
-    delta = torch.cat([p.delta for p in parts])
+    result = concat_values(parts)
     if isinstance(site, str):
-        init, targets, delta = init[:, 0], targets[:, 0], delta[:, 0]
-    return ValueResult(init=init, targets=targets, info=[item for p in parts for item in p.info], delta=delta)
+        result.init, result.targets, result.delta = result.init[:, 0], result.targets[:, 0], result.delta[:, 0]
+    return result
+
+
+def concat_values(parts: Sequence[ValueResult]) -> ValueResult:
+    """The parts' requests one after the other (tensors concatenated along the request axis)."""
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    info = [item for p in parts for item in p.info]
+    return ValueResult(init=cat("init"), targets=cat("targets"), info=info, delta=cat("delta"))
+
+
+def compute_values_sharded(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    *,
+    site: str | Sequence[str],
+    layer: int,
+    contexts: Sequence[str],
+    hp: EditHparams,
+) -> ValueResult:
+    """`compute_values` split across the ranks of a process group (torchrun or ``fastedit edit --workers``):
+    requests are independent given the model, so each rank optimises its contiguous share with its own threads
+    and every rank receives all targets in request order. One rank: `compute_values` itself."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute_values(model, tokenizer, spec, requests, site=site, layer=layer, contexts=contexts, hp=hp)
+    lo, hi = shard_bounds(len(requests), rank, world)
+    log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
+    local = None
+    if hi > lo:
+        local = compute_values(
+            model, tokenizer, spec, requests[lo:hi], site=site, layer=layer, contexts=contexts, hp=hp
+        ).to("cpu")
+        for item in local.info:
+            item["rank"] = rank
+    device = model_device(model)
+    return concat_values([p for p in all_gather_objects(local) if p is not None]).to(device)
 
 
 class _Reads:
