@@ -80,7 +80,7 @@ def _edit_args(tmp_path: Path, text_corpus: Path) -> list[str]:
         (tmp_path / "requests.json").write_text(json.dumps(FIVE))
         (tmp_path / "hp.json").write_text(json.dumps(HP))
     args = [str(tmp_path / "requests.json"), "--model", str(folder), "--hparams", str(tmp_path / "hp.json")]
-    return args + ["--corpus", str(text_corpus), "--dm", "2", "--stats-dir", str(tmp_path / "stats")]
+    return [*args, "--corpus", str(text_corpus), "--dm", "2", "--stats-dir", str(tmp_path / "stats")]
 
 
 def _same_patch(a: Path, b: Path) -> None:
