@@ -49,6 +49,10 @@ from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard
 log = logging.getLogger(__name__)
 
 BATCH_CHUNK = 16  # requests optimised together in "batched" mode (bounds the logits memory on large vocabs)
+# A chunk's rows are rebuilt for its unconverged requests once those are at most this share of the requests whose
+# rows a step runs (0 keeps every row to the end). A rebuild costs about one step; at 1/2 a chunk of 16 rebuilds
+# at most 4 times and never runs more than twice the rows it needs.
+REBUILD_BELOW = 0.5
 
 
 class NonFiniteLossError(FasteditError):
@@ -239,6 +243,7 @@ class _Reads:
         sites: Sequence[str],
         layer: int,
         fast: bool,
+        check: bool = True,
     ) -> None:
         self.model, self.sites = model, list(sites)
         device = model_device(model)
@@ -264,7 +269,8 @@ class _Reads:
                 with torch.no_grad():
                     model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         self.h = self.at_bare(rec)  # (B, S, d)
-        self._check_sites_fire(layer)
+        if check:  # also sets kl_before_logits; a rebuild for fewer requests already has both
+            self._check_sites_fire(layer)
 
     def at_bare(self, rec: dict[str, Any]) -> torch.Tensor:
         """Each site's captured output at the bare prompts' subject token: (B, S, d), float32."""
@@ -328,7 +334,6 @@ class _Stopping:
 def _losses(
     logits: torch.Tensor,
     rows: _Rows,
-    reads: _Reads,
     kl_before: torch.Tensor,
     delta: torch.Tensor,
     h_norm: torch.Tensor,
@@ -360,7 +365,13 @@ def _optimise(
     *,
     fast: bool,
 ) -> ValueResult:
-    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d)."""
+    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d).
+
+    Converged requests keep their δ and leave the forward: once the requests still optimising are at most
+    ``REBUILD_BELOW`` of those whose rows a step runs, the rows are rebuilt for them alone (one no-grad forward).
+    A request's gradient comes from its own rows only and a converged one's is zero either way, so Adam sees the
+    same inputs and the targets equal those of a chunk that keeps every row (up to float noise).
+    """
     t0 = time.perf_counter()
     rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
     reads = _Reads(model, tokenizer, spec, rows, sites, layer, fast)
@@ -373,38 +384,46 @@ def _optimise(
     active = torch.ones(n_req, dtype=torch.bool, device=h.device)
     stopping = _Stopping(hp, fast)
     steps = torch.zeros(n_req, dtype=torch.long)
-    first_nll = last_nll = last_loss = None
+    # The requests whose rows the current `step_reads` runs (all at first), and their loss / NLL when last run.
+    live, step_rows, step_reads = torch.arange(n_req, device=h.device), rows, reads
+    last_nll, last_loss = torch.zeros(n_req, device=h.device), torch.zeros(n_req, device=h.device)
+    first_nll = None
     for it in range(hp.v_num_grad_steps):
         delta = u * scale
-        loss, nll = _losses(reads.logits(delta), rows, reads, kl_before, delta, h_norm, hp)
+        part = delta[live]  # (b, S, d)
+        loss, nll = _losses(step_reads.logits(part), step_rows, kl_before[live], part, h_norm[live], hp)  # (b,)
         bad = ~torch.isfinite(loss)
         if bad.any():
-            case = requests[int(bad.nonzero()[0])].case_id
+            case = requests[int(live[bad.nonzero()[0]])].case_id
             raise NonFiniteLossError(
                 f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {', '.join(sites)}; "
                 "lower v_lr or clamp_norm_factor in the hparams, or check the model's dtype"
             )
-        nll_d = nll.detach()
-        first_nll = nll_d.clone() if first_nll is None else first_nll
-        last_nll, last_loss = nll_d.clone(), loss.detach().clone()
+        last_nll[live], last_loss[live] = nll.detach(), loss.detach()
+        first_nll = last_nll.clone() if first_nll is None else first_nll
         steps[active.cpu()] = it + 1
-        active &= ~stopping.done(loss.detach(), nll_d)
+        active &= ~stopping.done(last_loss.clone(), last_nll.clone())
         if not active.any() or it == hp.v_num_grad_steps - 1:
             break
         frozen = u.detach().clone()
         opt.zero_grad()
-        (loss * active).sum().backward()
+        (loss * active[live]).sum().backward()
         opt.step()
         with torch.no_grad():
             u[~active] = frozen[~active]  # converged requests keep the δ their last loss was measured at
             norm = (u * scale).norm(dim=2)
             limit = hp.clamp_norm_factor * h_norm
             u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
+        if int(active.sum()) <= REBUILD_BELOW * len(live):
+            live = active.nonzero().squeeze(1)
+            step_rows = _build_rows(tokenizer, [requests[i] for i in live.tolist()], contexts, hp.kl_prompt)
+            step_reads = _Reads(model, tokenizer, spec, step_rows, sites, layer, fast, check=False)
 
     delta = (u * scale).detach()
     # One site: z = h + δ. Several: each site's value in the final forward, upstream shifts included.
     targets = h.detach() + delta if len(sites) == 1 else reads.site_values(delta)
     elapsed = time.perf_counter() - t0
+    assert first_nll is not None
     info = [
         {
             "case_id": req.case_id,
