@@ -11,6 +11,7 @@ from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
+from fastedit.editing import values as values_module
 from fastedit.editing.alphaedit import alphaedit_update
 from fastedit.editing.batching import anchor_pad, right_pad
 from fastedit.editing.context import context_templates
@@ -23,7 +24,6 @@ from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
-from fastedit.editing import values as values_module
 from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, values_key
 from fastedit.errors import ConfigError
 from fastedit.requests import EditRequest
