@@ -51,6 +51,7 @@ from fastedit.editing.values import (
 )
 from fastedit.errors import ConfigError, FasteditError
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,8 @@ def compute_targets(
     check_layers(hp, spec.n_layers(model.config))
     for req in requests:
         check_template(req.prompt, req.subject, req.case_id)
-    contexts = _contexts(model, tokenizer, hp)
+    # Rank 0's sampled prefixes on every rank (sampling on different devices need not agree): one set of targets.
+    contexts = all_gather_objects(_contexts(model, tokenizer, hp))[0]
     site = edit_site(spec, hp)
     start = site_start_layer(spec, hp)
     values = compute_values_sharded(model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp)
