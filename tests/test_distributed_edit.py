@@ -103,7 +103,7 @@ def test_workers_and_torchrun_edit_like_one_process(tmp_path, text_corpus):
     assert workers.exit_code == 0, workers.output
     assert workers.output.count("ES") == 1  # one table, from rank 0
     run = json.loads((tmp_path / "workers" / "run.json").read_text())
-    assert run["processes"] == 2
+    assert run["processes"] == 2 and run["options"]["workers"] == 2
     _same_patch(tmp_path / "workers" / "patch.safetensors", tmp_path / "single" / "patch.safetensors")
     one = json.loads((tmp_path / "single" / "metrics.json").read_text())
     two = json.loads((tmp_path / "workers" / "metrics.json").read_text())

@@ -187,47 +187,59 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
     Under torchrun, or with ``options.workers`` > 1 (that many local processes), the v* requests and the
     evaluation cases are split across the ranks; rank 0 logs, writes the outputs and returns the table."""
     from fastedit.editing.workers import check_workers, run_in_workers
+
+    start = time.perf_counter()
+    workers = check_workers(options.workers)
+    checked = _check_before_loading(options)
+    if workers == 1:
+        return _run_on_ranks(checked, start)
+    # The workers repeat the checks (cheap) and write to the run folder chosen here.
+    run_in_workers(_worker_run, replace(checked.options, out=str(checked.out)), workers)
+    metrics = json.loads((checked.out / "metrics.json").read_text(encoding="utf-8"))
+    return EditRunReport(checked.out, metrics, format_table(metrics) + f"\noutputs: {checked.out}")
+
+
+@dataclass
+class _Checked:
+    """What `_check_before_loading` proved and parsed."""
+
+    options: EditRunOptions
+    parsed: Any  # the loaded requests
+    out: Path
+    explicit_hp: Any
+    dm: float | str
+
+
+def _check_before_loading(options: EditRunOptions) -> _Checked:
+    """Everything checkable without the model, so it fails before the slow part."""
     from fastedit.models import placement
     from fastedit.requests import load_requests
 
     if options.method not in METHODS:
         raise ConfigError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
-    start = time.perf_counter()
-    # Everything checkable without the model fails here, before the slow part.
-    workers = check_workers(options.workers)
     placement(options.device, options.dtype)  # a bad --device/--dtype fails before anything loads
     dm = parse_dm(options.dm)
     explicit_hp = _hparams_before_loading(options)
     check_corpus(options.corpus)
     parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)
-    out = check_outputs(options)
-    if workers > 1:  # the workers repeat these checks (cheap) and write to the run folder chosen here
-        run_in_workers(_worker_run, replace(options, out=str(out), workers=1), workers)
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        return EditRunReport(out, metrics, format_table(metrics) + f"\noutputs: {out}")
-    with process_group() as (rank, world):
-        if rank > 0:  # one rank reports: the others log warnings only and show no bars
-            logging.getLogger("fastedit").setLevel(logging.WARNING)
-            set_enabled(False)
-        return _edit_and_write(options, parsed, out, explicit_hp, dm, start, primary=rank == 0, world=world)
+    return _Checked(options, parsed, check_outputs(options), explicit_hp, dm)
 
 
 def _worker_run(options: EditRunOptions) -> None:
     """One worker of ``--workers``: the whole run inside the process group the launcher started."""
-    run_edit(options)
+    _run_on_ranks(_check_before_loading(options), time.perf_counter())
 
 
-def _edit_and_write(
-    options: EditRunOptions,
-    parsed: Any,
-    out: Path,
-    explicit_hp: Any,
-    dm: float | str,
-    start: float,
-    *,
-    primary: bool,
-    world: int,
-) -> EditRunReport:
+def _run_on_ranks(checked: _Checked, start: float) -> EditRunReport:
+    """The run in this process: alone, or as one rank of a process group (torchrun's, or the workers')."""
+    with process_group() as (rank, world):
+        if rank > 0:  # one rank reports: the others log warnings only and show no bars
+            logging.getLogger("fastedit").setLevel(logging.WARNING)
+            set_enabled(False)
+        return _edit_and_write(checked, start, primary=rank == 0, world=world)
+
+
+def _edit_and_write(checked: _Checked, start: float, *, primary: bool, world: int) -> EditRunReport:
     """Load the model, edit and evaluate; the ``primary`` rank writes the run folder and the extra outputs."""
     import torch
 
@@ -235,6 +247,7 @@ def _edit_and_write(
     from fastedit.editing.hparams import load_hparams
     from fastedit.models import load_model, placement
 
+    options, parsed, out, dm = checked.options, checked.parsed, checked.out, checked.dm
     t = time.perf_counter()
     device, dtype = placement(options.device, options.dtype)
     if world > 1 and device.type == "cuda" and device.index is None:
@@ -243,7 +256,7 @@ def _edit_and_write(
         options.model, device=device, dtype=dtype, trust_remote_code=options.trust_remote_code
     )
     load_seconds = time.perf_counter() - t
-    hp = explicit_hp or load_hparams(options.method, model)
+    hp = checked.explicit_hp or load_hparams(options.method, model)
     outcome = edit(
         model,
         tokenizer,
