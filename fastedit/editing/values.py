@@ -19,7 +19,11 @@ converged.
 "batched" (the default) is "fast" over all requests of a chunk together, each with its own δ (one
 forward/backward per step): Adam is per coordinate, so the targets equal "fast"'s; with the prefix cached a step's
 matrices have ~20 rows per request and cost about what reading the weights costs, which the chunk shares
-(1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests).
+(1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests). A chunk's
+converged requests leave its forward (``REBUILD_BELOW``), so a chunk costs less as its requests converge.
+
+`compute_values_sharded` splits the requests across the ranks of a process group (torchrun, or
+``fastedit edit --workers N``) and gathers every target on every rank.
 """
 
 from __future__ import annotations
