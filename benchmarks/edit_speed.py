@@ -8,9 +8,11 @@ Reported per mode: wall seconds per request (v* and the whole edit = v* + keys +
 ratio against "reference", ES/PS/NS/Score (`fastedit.evaluate`), and how far each mode's v* targets are from the
 reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target: ≥ 6× faster, metrics within ±2 points.
 
-"workersN" runs "batched" v* in N processes (torch.distributed, gloo on the CPU) of --threads / N torch threads
-each, against the other modes' one process of --threads threads: on a 2-core machine, --threads 2 compares
-2 processes × 1 thread with 1 process × 2 threads. Its v* seconds run from the moment every worker has loaded
+"batched_allrows" is "batched" with every request's rows kept in the forward until the chunk's last request
+converges (the behaviour before converged requests were dropped). "workersN" runs "batched" v* in N processes
+(torch.distributed, gloo on the CPU) of --threads / N torch threads each, against the other modes' one process
+of --threads threads: on a 2-core machine, --threads 2 compares 2 processes × 1 thread with 1 process × 2
+threads. Its v* seconds run from the moment every worker has loaded
 the model to the gathered targets; keys, solves and evaluation run in this process as for the other modes.
 
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m              # 100 edits, reference vs fast
@@ -34,6 +36,7 @@ from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, va
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
+from fastedit.editing import values as values_module
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
@@ -47,9 +50,13 @@ METRICS = ("es", "ps", "ns", "score")
 WORKERS = re.compile(r"workers(\d+)$")  # "workers2": batched v* in 2 processes
 
 
+ALL_ROWS = "batched_allrows"  # batched, converged requests' rows kept in the forward (the behaviour before)
+
+
 def check_modes(modes: list[str]) -> list[str]:
-    """The unknown names among ``modes`` (v* modes, or workersN with N >= 2)."""
-    return [m for m in modes if m not in V_MODES and not (WORKERS.match(m) and int(WORKERS.match(m)[1]) >= 2)]
+    """The unknown names among ``modes`` (v* modes, batched_allrows, or workersN with N >= 2)."""
+    known = (*V_MODES, ALL_ROWS)
+    return [m for m in modes if m not in known and not (WORKERS.match(m) and int(WORKERS.match(m)[1]) >= 2)]
 
 
 def agreement(mode: ValueResult, ref: ValueResult) -> dict[str, float]:
@@ -119,7 +126,7 @@ def main() -> None:
     modes = ["reference", *[m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "reference"]]
     bad = check_modes(modes)
     if bad:
-        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)} or workersN (N >= 2)")
+        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}, {ALL_ROWS} or workersN (N >= 2)")
     corpus = args.corpus or WIKITEXT
     dm: float | str = args.dm if args.dm == "full" else float(args.dm)
     out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
@@ -144,9 +151,11 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     values: dict[str, ValueResult] = {}
     threads = torch.get_num_threads()
+    rebuild_below = values_module.REBUILD_BELOW
     for mode in modes:
         workers = int(WORKERS.match(mode)[1]) if WORKERS.match(mode) else 1
-        hp = base.replace(v_mode="batched" if workers > 1 else mode)
+        hp = base.replace(v_mode="batched" if workers > 1 or mode == ALL_ROWS else mode)
+        values_module.REBUILD_BELOW = 0.0 if mode == ALL_ROWS else rebuild_below
         t0 = time.perf_counter()
         if workers > 1:
             per_worker = max(1, threads // workers)
@@ -210,14 +219,14 @@ def main() -> None:
     plot(result, png)
 
     print("\nunedited: " + "  ".join(f"{k.upper()} {unedited[k]:.1f}" for k in METRICS))
-    head = f"{'mode':>9} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
+    head = f"{'mode':>15} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
     print(f"{head} {'ES':>5} {'PS':>5} {'NS':>5} {'Score':>5} {'Δv* rel':>8}")
     for mode in modes:
         r = results[mode]
         speed = f"{r['speedup_edit']:.2f}x" if "speedup_edit" in r else "1.00x"
         rel = f"{r['v_agreement']['rel_diff_mean']:.3f}" if "v_agreement" in r else "-"
         print(
-            f"{mode:>9} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
+            f"{mode:>15} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
             f"{r['mean_steps']:>6.1f} " + " ".join(f"{r[k]:>5.1f}" for k in METRICS) + f" {rel:>8}"
         )
     print(f"fastest: {fastest}\nwrote {out} and {png}")
