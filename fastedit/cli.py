@@ -114,16 +114,24 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
     "--targets-cache", type=click.Path(file_okay=False), help="Folder of cached v* targets (default: fastedit cache)."
 )
 @click.option("--no-targets-cache", is_flag=True, help="Always optimise v*; neither read nor write cached targets.")
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Local processes sharing the v* requests and the evaluation (each with cores/N threads).",
+)
 @placement_options
 def edit_cmd(file: str, model: str, no_targets_cache: bool, **options: Any) -> None:
     """Edit the facts in FILE (CounterFact, zsRE or plain JSON, or a data-set name such as counterfact),
-    evaluate before/after, write the run folder."""
+    evaluate before/after, write the run folder. Under torchrun the ranks share the work the same way."""
     from fastedit.editing.run import EditRunOptions, run_edit
 
     if no_targets_cache:
         options["targets_cache"] = ""
     report = run_edit(EditRunOptions(file=file, model=model, **options))
-    click.echo(report.table)
+    if report.table:  # rank 0 of a process group prints; the other ranks stay silent
+        click.echo(report.table)
 
 
 # ---- precompute ----------------------------------------------------------------------------------------

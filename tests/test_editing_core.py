@@ -11,6 +11,7 @@ from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
+from fastedit.editing import values as values_module
 from fastedit.editing.alphaedit import alphaedit_update
 from fastedit.editing.batching import anchor_pad, right_pad
 from fastedit.editing.context import context_templates
@@ -445,6 +446,39 @@ def test_v_modes_agree(tok):
     fast = compute_values(model, tok, spec, REQUESTS, site=site, layer=1, contexts=contexts, hp=hp)
     for f, r in zip(fast.info, runs["reference"].info, strict=True):
         assert f["steps"] <= r["steps"] and f["nll_end"] < f["nll_start"]
+
+
+def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypatch):
+    """Batched v* drops converged requests' rows from later steps; the targets are those of keeping every row."""
+    model = peaked(tiny_model("llama"))
+    spec = arch_for(model)
+    contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
+    requests = [
+        *REQUESTS,
+        EditRequest("2", "{} was born in", "Mozart", "Tokyo", "Salzburg"),
+        EditRequest("3", "The {} flows through", "Nile", "Japan", "Egypt"),
+    ]
+    hp = hp_for("memit", v_mode="batched", v_nll_stop=0.5, v_num_grad_steps=30)
+    site = edit_site(spec, hp)
+    runs, rows_per_step = {}, {}
+    for rebuild in (0.0, 0.5):  # 0: every row to the end (the behaviour before rows were dropped)
+        monkeypatch.setattr(values_module, "REBUILD_BELOW", rebuild)
+        seen: list[int] = []
+        handle = model.model.layers[1].register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(len(out[0])))
+        try:
+            runs[rebuild] = compute_values(model, tok, spec, requests, site=site, layer=1, contexts=contexts, hp=hp)
+        finally:
+            handle.remove()
+        rows_per_step[rebuild] = seen
+    steps = [item["steps"] for item in runs[0.5].info]
+    assert min(steps) < max(steps) < 30  # one request converges early, one late, all before the step limit
+    assert steps == [item["steps"] for item in runs[0.0].info]
+    assert len(set(rows_per_step[0.0][1:])) == 1  # steps all run the same rows without dropping
+    assert rows_per_step[0.5][-2] < rows_per_step[0.5][1] // 2 + 1  # late steps run about half the rows or fewer
+    ref = runs[0.0].targets
+    assert float((runs[0.5].targets - ref).abs().max() / ref.abs().max()) <= 1e-5
+    for a, b in zip(runs[0.5].info, runs[0.0].info, strict=True):
+        assert a["nll_end"] == pytest.approx(b["nll_end"], rel=1e-5, abs=1e-6)
 
 
 def test_subject_after_a_trailing_space(tok):

@@ -22,6 +22,7 @@ from fastedit.stats import (
     run_stats,
 )
 from fastedit.stats import precompute as precompute_mod
+from fastedit.stats.accumulate import SecondMoment
 from fastedit.stats.corpus import resolve_corpus
 from fastedit.stats.tokens import make_batches, plan_rows
 
@@ -61,6 +62,24 @@ def test_c0_matches_independent_hooks_exact_count(family, tmp_path, text_corpus)
         assert stats[layer].mean.dtype == torch.float64 and stats[layer].mean.shape == (d_k, d_k)
         assert rel(stats[layer].mean, independent_c0(model, rows, layer)) < 1e-6
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_float32_batch_products_agree_with_float64_accumulation():
+    """Per-batch kᵀk in float32, summed in float64, against every product in float64: keys at a real model's
+    scale (a large shared mean, a few outlier dimensions ~20× the rest), 6,000 rows in batches of 2,048."""
+    gen = torch.Generator().manual_seed(0)
+    d_k = 192
+    keys = torch.randn(d_k, generator=gen) * 3 + 0.5 * torch.randn(6000, d_k, generator=gen)
+    keys[:, :4] *= 20
+    fast, exact = SecondMoment(d_k, target=5000), SecondMoment(d_k, target=5000, exact=True)
+    for batch in keys.split(2048):
+        fast.add(batch)
+        exact.add(batch)
+    assert fast.count == exact.count == 5000  # the target cuts the third batch
+    reference = keys[:5000].double().T @ keys[:5000].double()
+    assert rel(exact.sum, reference) < 1e-12
+    assert rel(fast.sum, reference) < 1e-6
+    assert not torch.equal(fast.sum, exact.sum)  # the products really were formed in float32
 
 
 def test_rows_start_with_prefix_and_batches_mask_padding():

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastedit.arch import restore_mlp_out, snapshot_mlp_out
+from fastedit.arch import mlp_out_param, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
 from fastedit.editing.easyedit import requests_from_keywords
 from fastedit.editing.patch import Patch, apply_factors, make_patch
 from fastedit.errors import ConfigError
-from fastedit.evaluation.metrics import Metrics, evaluate_requests
+from fastedit.evaluation.metrics import Metrics, evaluate_requests, summarize
 from fastedit.requests import EditRequest, as_requests, check_request_lengths
+from fastedit.stats.distributed import all_gather_objects, broadcast_, is_distributed, rank_and_world, shard_bounds
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _edit_in_batches(
                 previous_keys=previous if method == "alphaedit" and previous else None, values=values,
             )  # fmt: skip
             result.info["targets_from_cache"] = targets_hit
+            _same_on_every_rank(model, spec, hp.layers, result)
             for layer, ab in result.deltas.items():
                 factors.setdefault(layer, []).append(ab)
             if method == "alphaedit":
@@ -143,6 +145,36 @@ def _edit_in_batches(
         restore_mlp_out(model, spec, originals)
         raise
     return combined, originals, batch_info
+
+
+def _same_on_every_rank(model: torch.nn.Module, spec: Any, layers: Sequence[int], result: Any) -> None:
+    """Rank 0's edited weights, factors and keys on every rank of a process group. The ranks solved the same
+    problem from the same gathered targets, so they differ by float noise at most; this makes them agree bit for
+    bit, so later batches (and the patch every rank builds) are identical."""
+    if not is_distributed():
+        return
+    for layer in layers:
+        broadcast_(mlp_out_param(model, spec, layer).data)
+    for a, b in result.deltas.values():
+        broadcast_(a)
+        broadcast_(b)
+    for keys in result.keys.values():
+        broadcast_(keys)
+
+
+def _evaluate(
+    model: torch.nn.Module, tokenizer: Any, reqs: list[EditRequest], *, batch_size: int, fluency: bool, seed: int
+) -> Metrics:
+    """`evaluate_requests`; across ranks each scores its contiguous share of the cases and every rank receives
+    all of them in order. With ``fluency`` every rank evaluates everything: the samples come from one seeded
+    stream over all cases, which a split would change."""
+    rank, world = rank_and_world()
+    if world == 1 or fluency:
+        return evaluate_requests(model, tokenizer, reqs, batch_size=batch_size, fluency=fluency, seed=seed)
+    lo, hi = shard_bounds(len(reqs), rank, world)
+    part = evaluate_requests(model, tokenizer, reqs[lo:hi], batch_size=batch_size, seed=seed).cases if hi > lo else []
+    cases = [case for share in all_gather_objects(part) for case in share]
+    return Metrics(summarize(cases), cases)
 
 
 def edit(
@@ -202,7 +234,7 @@ def edit(
     pre = None
     if evaluate:
         t = time.perf_counter()
-        pre = evaluate_requests(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
+        pre = _evaluate(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
         timings["eval_pre"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -226,7 +258,7 @@ def edit(
     post = None
     if evaluate:
         t = time.perf_counter()
-        post = evaluate_requests(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
+        post = _evaluate(model, tokenizer, reqs, batch_size=eval_batch_size, fluency=fluency, seed=seed)
         timings["eval_post"] = time.perf_counter() - t
     return EditOutcome(
         patch, pre, post, hp, {"batches": batch_info, "stats": stats_record, "timings": timings, "n": len(reqs)}

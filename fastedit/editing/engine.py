@@ -41,9 +41,17 @@ from fastedit.editing.postnorm import mlp_outputs, post_norm_gain, pre_norm_targ
 from fastedit.editing.problem import LayerProblem, LayerUpdate
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import check_template
-from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer, values_key
+from fastedit.editing.values import (
+    ValueResult,
+    compute_values,
+    compute_values_sharded,
+    edit_site,
+    site_start_layer,
+    values_key,
+)
 from fastedit.errors import ConfigError, FasteditError
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +185,18 @@ def compute_targets(
     hparams: EditHparams | str | None = None,
 ) -> ValueResult:
     """The v* targets ``apply_edit`` would optimise, for reuse: every method and λ whose v* settings and site
-    are the same (``ValueResult.key``) can be handed them with ``apply_edit(..., values=...)``."""
+    are the same (``ValueResult.key``) can be handed them with ``apply_edit(..., values=...)``. Under torchrun
+    (or ``fastedit edit --workers``) the requests are split across the ranks and every rank gets all targets."""
     spec = arch_for(model)
     hp = resolve_hparams(model, method, hparams)
     check_layers(hp, spec.n_layers(model.config))
     for req in requests:
         check_template(req.prompt, req.subject, req.case_id)
-    contexts = _contexts(model, tokenizer, hp)
+    # Rank 0's sampled prefixes on every rank (sampling on different devices need not agree): one set of targets.
+    contexts = all_gather_objects(_contexts(model, tokenizer, hp))[0]
     site = edit_site(spec, hp)
     start = site_start_layer(spec, hp)
-    values = compute_values(model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp)
+    values = compute_values_sharded(model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp)
     values.contexts, values.key = list(contexts), values_key(spec, hp)
     return values
 

@@ -18,7 +18,7 @@ import platform
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ from fastedit.config import config_to_dict
 from fastedit.editing.hparams import METHODS
 from fastedit.errors import ConfigError, OutputError
 from fastedit.models import DEFAULT_MODEL
+from fastedit.progress import set_enabled
 from fastedit.stats.corpus import check_corpus
+from fastedit.stats.distributed import process_group
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,14 @@ class EditRunOptions:
     targets_cache: str | None = None  # v* targets cache folder (default: the fastedit cache); "" disables it
     device: str | None = None  # auto (CUDA, else MPS, else CPU), cpu, cuda[:N], mps
     dtype: str | None = None  # float32 (default), bfloat16, float16, float64
+    workers: int = 1  # local processes sharing the v* requests and the evaluation (see workers.py)
 
 
 @dataclass
 class EditRunReport:
     out: Path
     metrics: dict[str, Any]
-    table: str
+    table: str  # empty on ranks other than 0 of a process group: one rank prints
 
 
 def parse_dm(value: str | float) -> float | str:
@@ -179,30 +182,81 @@ def _targets_folder(options: EditRunOptions) -> Path | None:
 
 
 def run_edit(options: EditRunOptions) -> EditRunReport:
-    """Load, edit, evaluate before/after and write the run folder; returns the metrics and a printable table."""
-    from fastedit.editing.api import edit
-    from fastedit.editing.hparams import load_hparams
-    from fastedit.models import load_model, placement
+    """Load, edit, evaluate before/after and write the run folder; returns the metrics and a printable table.
+
+    Under torchrun, or with ``options.workers`` > 1 (that many local processes), the v* requests and the
+    evaluation cases are split across the ranks; rank 0 logs, writes the outputs and returns the table."""
+    from fastedit.editing.workers import check_workers, run_in_workers
+
+    start = time.perf_counter()
+    workers = check_workers(options.workers)
+    checked = _check_before_loading(options)
+    if workers == 1:
+        return _run_on_ranks(checked, start)
+    # The workers repeat the checks (cheap) and write to the run folder chosen here.
+    run_in_workers(_worker_run, replace(checked.options, out=str(checked.out)), workers)
+    metrics = json.loads((checked.out / "metrics.json").read_text(encoding="utf-8"))
+    return EditRunReport(checked.out, metrics, format_table(metrics) + f"\noutputs: {checked.out}")
+
+
+@dataclass
+class _Checked:
+    """What `_check_before_loading` proved and parsed."""
+
+    options: EditRunOptions
+    parsed: Any  # the loaded requests
+    out: Path
+    explicit_hp: Any
+    dm: float | str
+
+
+def _check_before_loading(options: EditRunOptions) -> _Checked:
+    """Everything checkable without the model, so it fails before the slow part."""
+    from fastedit.models import placement
     from fastedit.requests import load_requests
 
     if options.method not in METHODS:
         raise ConfigError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
-    start = time.perf_counter()
-    # Everything checkable without the model fails here, before the slow part.
     placement(options.device, options.dtype)  # a bad --device/--dtype fails before anything loads
     dm = parse_dm(options.dm)
     explicit_hp = _hparams_before_loading(options)
     check_corpus(options.corpus)
     parsed = load_requests(options.file, n=options.n, skip_invalid=options.skip_invalid)
-    out = check_outputs(options)
+    return _Checked(options, parsed, check_outputs(options), explicit_hp, dm)
 
+
+def _worker_run(options: EditRunOptions) -> None:
+    """One worker of ``--workers``: the whole run inside the process group the launcher started."""
+    _run_on_ranks(_check_before_loading(options), time.perf_counter())
+
+
+def _run_on_ranks(checked: _Checked, start: float) -> EditRunReport:
+    """The run in this process: alone, or as one rank of a process group (torchrun's, or the workers')."""
+    with process_group() as (rank, world):
+        if rank > 0:  # one rank reports: the others log warnings only and show no bars
+            logging.getLogger("fastedit").setLevel(logging.WARNING)
+            set_enabled(False)
+        return _edit_and_write(checked, start, primary=rank == 0, world=world)
+
+
+def _edit_and_write(checked: _Checked, start: float, *, primary: bool, world: int) -> EditRunReport:
+    """Load the model, edit and evaluate; the ``primary`` rank writes the run folder and the extra outputs."""
+    import torch
+
+    from fastedit.editing.api import edit
+    from fastedit.editing.hparams import load_hparams
+    from fastedit.models import load_model, placement
+
+    options, parsed, out, dm = checked.options, checked.parsed, checked.out, checked.dm
     t = time.perf_counter()
     device, dtype = placement(options.device, options.dtype)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # each rank on its own GPU
     model, tokenizer = load_model(
         options.model, device=device, dtype=dtype, trust_remote_code=options.trust_remote_code
     )
     load_seconds = time.perf_counter() - t
-    hp = explicit_hp or load_hparams(options.method, model)
+    hp = checked.explicit_hp or load_hparams(options.method, model)
     outcome = edit(
         model,
         tokenizer,
@@ -245,6 +299,7 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         "stats": outcome.info["stats"],
         "engine": outcome.info["batches"],
         "versions": _versions(),
+        "processes": world,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     metrics = {
@@ -259,6 +314,8 @@ def run_edit(options: EditRunOptions) -> EditRunReport:
         "timings": timings,
     }
     timings["total"] = time.perf_counter() - start
+    if not primary:
+        return EditRunReport(out, metrics, "")
     with atomic_folder(out, overwrite=options.overwrite) as folder:  # all four files, or none
         outcome.save_patch(folder / "patch.safetensors")
         write_text(folder / "cases.jsonl", "".join(json.dumps(c, default=str) + "\n" for c in cases))

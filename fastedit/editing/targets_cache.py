@@ -26,6 +26,7 @@ from fastedit.editing.hparams import EditHparams
 from fastedit.editing.patch import tensor_sha256
 from fastedit.editing.values import ValueResult, values_key
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_ranks_agree, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,16 @@ def cached_targets(
     hp: EditHparams,
     folder: str | Path,
 ) -> tuple[ValueResult, bool]:
-    """(targets, hit): from ``folder`` when this exact computation was cached, else computed and cached."""
+    """(targets, hit): from ``folder`` when this exact computation was cached, else computed and cached.
+
+    Across ranks (torchrun, ``--workers``) the cache is used only when every rank found it, since computing
+    the targets is collective; rank 0 alone writes."""
     from fastedit.editing.engine import compute_targets
 
     key = targets_key(model, requests, hp)
     hit = load_targets(folder, key, len(requests))
+    if not all_ranks_agree(hit is not None):
+        hit = None
     if hit is not None:
         log.info("v* targets of %d requests from the cache (%s)", len(requests), key)
         device = next(model.parameters()).device
@@ -113,5 +119,6 @@ def cached_targets(
         hit.delta = hit.delta.to(device) if hit.delta is not None else None
         return hit, True
     values = compute_targets(model, tokenizer, requests, method=hp.method, hparams=hp)
-    save_targets(folder, key, values)
+    if rank_and_world()[0] == 0:
+        save_targets(folder, key, values)
     return values, False

@@ -19,7 +19,11 @@ converged.
 "batched" (the default) is "fast" over all requests of a chunk together, each with its own δ (one
 forward/backward per step): Adam is per coordinate, so the targets equal "fast"'s; with the prefix cached a step's
 matrices have ~20 rows per request and cost about what reading the weights costs, which the chunk shares
-(1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests).
+(1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests). A chunk's
+converged requests leave its forward (``REBUILD_BELOW``), so a chunk costs less as its requests converge.
+
+`compute_values_sharded` splits the requests across the ranks of a process group (torchrun, or
+``fastedit edit --workers N``) and gathers every target on every rank.
 """
 
 from __future__ import annotations
@@ -44,10 +48,15 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.subject import subject_last_index
 from fastedit.errors import FasteditError
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
 
 log = logging.getLogger(__name__)
 
 BATCH_CHUNK = 16  # requests optimised together in "batched" mode (bounds the logits memory on large vocabs)
+# A chunk's rows are rebuilt for its unconverged requests once those are at most this share of the requests whose
+# rows a step runs (0 keeps every row to the end). A rebuild costs about one step; at 1/2 a chunk of 16 rebuilds
+# at most 4 times and never runs more than twice the rows it needs.
+REBUILD_BELOW = 0.5
 
 
 class NonFiniteLossError(FasteditError):
@@ -145,6 +154,12 @@ class ValueResult:
     key: str = ""
     delta: torch.Tensor | None = None  # δ, shaped like init
 
+    def to(self, device: torch.device | str) -> ValueResult:
+        """The same result with its tensors on ``device`` (in place; returns self)."""
+        self.init, self.targets = self.init.to(device), self.targets.to(device)
+        self.delta = None if self.delta is None else self.delta.to(device)
+        return self
+
 
 def compute_values(
     model: torch.nn.Module,
@@ -176,11 +191,47 @@ def compute_values(
                 _optimise(model, tokenizer, spec, [requests[i] for i in g], sites, layer, contexts, hp, fast=fast)
             )
             bar.update(len(g))
-    init, targets = torch.cat([p.init for p in parts]), torch.cat([p.targets for p in parts])
-    delta = torch.cat([p.delta for p in parts])
+    result = concat_values(parts)
     if isinstance(site, str):
-        init, targets, delta = init[:, 0], targets[:, 0], delta[:, 0]
-    return ValueResult(init=init, targets=targets, info=[item for p in parts for item in p.info], delta=delta)
+        result.init, result.targets, result.delta = result.init[:, 0], result.targets[:, 0], result.delta[:, 0]
+    return result
+
+
+def concat_values(parts: Sequence[ValueResult]) -> ValueResult:
+    """The parts' requests one after the other (tensors concatenated along the request axis)."""
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    info = [item for p in parts for item in p.info]
+    return ValueResult(init=cat("init"), targets=cat("targets"), info=info, delta=cat("delta"))
+
+
+def compute_values_sharded(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    *,
+    site: str | Sequence[str],
+    layer: int,
+    contexts: Sequence[str],
+    hp: EditHparams,
+) -> ValueResult:
+    """`compute_values` split across the ranks of a process group (torchrun or ``fastedit edit --workers``):
+    requests are independent given the model, so each rank optimises its contiguous share with its own threads
+    and every rank receives all targets in request order. One rank: `compute_values` itself."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute_values(model, tokenizer, spec, requests, site=site, layer=layer, contexts=contexts, hp=hp)
+    lo, hi = shard_bounds(len(requests), rank, world)
+    log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
+    local = None
+    if hi > lo:
+        local = compute_values(
+            model, tokenizer, spec, requests[lo:hi], site=site, layer=layer, contexts=contexts, hp=hp
+        ).to("cpu")
+        for item in local.info:
+            item["rank"] = rank
+    device = model_device(model)
+    return concat_values([p for p in all_gather_objects(local) if p is not None]).to(device)
 
 
 class _Reads:
@@ -196,6 +247,7 @@ class _Reads:
         sites: Sequence[str],
         layer: int,
         fast: bool,
+        check: bool = True,
     ) -> None:
         self.model, self.sites = model, list(sites)
         device = model_device(model)
@@ -221,7 +273,8 @@ class _Reads:
                 with torch.no_grad():
                     model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         self.h = self.at_bare(rec)  # (B, S, d)
-        self._check_sites_fire(layer)
+        if check:  # also sets kl_before_logits; a rebuild for fewer requests already has both
+            self._check_sites_fire(layer)
 
     def at_bare(self, rec: dict[str, Any]) -> torch.Tensor:
         """Each site's captured output at the bare prompts' subject token: (B, S, d), float32."""
@@ -285,7 +338,6 @@ class _Stopping:
 def _losses(
     logits: torch.Tensor,
     rows: _Rows,
-    reads: _Reads,
     kl_before: torch.Tensor,
     delta: torch.Tensor,
     h_norm: torch.Tensor,
@@ -317,7 +369,13 @@ def _optimise(
     *,
     fast: bool,
 ) -> ValueResult:
-    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d)."""
+    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d).
+
+    Converged requests keep their δ and leave the forward: once the requests still optimising are at most
+    ``REBUILD_BELOW`` of those whose rows a step runs, the rows are rebuilt for them alone (one no-grad forward).
+    A request's gradient comes from its own rows only and a converged one's is zero either way, so Adam sees the
+    same inputs and the targets equal those of a chunk that keeps every row (up to float noise).
+    """
     t0 = time.perf_counter()
     rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
     reads = _Reads(model, tokenizer, spec, rows, sites, layer, fast)
@@ -330,38 +388,46 @@ def _optimise(
     active = torch.ones(n_req, dtype=torch.bool, device=h.device)
     stopping = _Stopping(hp, fast)
     steps = torch.zeros(n_req, dtype=torch.long)
-    first_nll = last_nll = last_loss = None
+    # The requests whose rows the current `step_reads` runs (all at first), and their loss / NLL when last run.
+    live, step_rows, step_reads = torch.arange(n_req, device=h.device), rows, reads
+    last_nll, last_loss = torch.zeros(n_req, device=h.device), torch.zeros(n_req, device=h.device)
+    first_nll = None
     for it in range(hp.v_num_grad_steps):
         delta = u * scale
-        loss, nll = _losses(reads.logits(delta), rows, reads, kl_before, delta, h_norm, hp)
+        part = delta[live]  # (b, S, d)
+        loss, nll = _losses(step_reads.logits(part), step_rows, kl_before[live], part, h_norm[live], hp)  # (b,)
         bad = ~torch.isfinite(loss)
         if bad.any():
-            case = requests[int(bad.nonzero()[0])].case_id
+            case = requests[int(live[bad.nonzero()[0]])].case_id
             raise NonFiniteLossError(
                 f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {', '.join(sites)}; "
                 "lower v_lr or clamp_norm_factor in the hparams, or check the model's dtype"
             )
-        nll_d = nll.detach()
-        first_nll = nll_d.clone() if first_nll is None else first_nll
-        last_nll, last_loss = nll_d.clone(), loss.detach().clone()
+        last_nll[live], last_loss[live] = nll.detach(), loss.detach()
+        first_nll = last_nll.clone() if first_nll is None else first_nll
         steps[active.cpu()] = it + 1
-        active &= ~stopping.done(loss.detach(), nll_d)
+        active &= ~stopping.done(last_loss.clone(), last_nll.clone())
         if not active.any() or it == hp.v_num_grad_steps - 1:
             break
         frozen = u.detach().clone()
         opt.zero_grad()
-        (loss * active).sum().backward()
+        (loss * active[live]).sum().backward()
         opt.step()
         with torch.no_grad():
             u[~active] = frozen[~active]  # converged requests keep the δ their last loss was measured at
             norm = (u * scale).norm(dim=2)
             limit = hp.clamp_norm_factor * h_norm
             u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
+        if int(active.sum()) <= REBUILD_BELOW * len(live):
+            live = active.nonzero().squeeze(1)
+            step_rows = _build_rows(tokenizer, [requests[i] for i in live.tolist()], contexts, hp.kl_prompt)
+            step_reads = _Reads(model, tokenizer, spec, step_rows, sites, layer, fast, check=False)
 
     delta = (u * scale).detach()
     # One site: z = h + δ. Several: each site's value in the final forward, upstream shifts included.
     targets = h.detach() + delta if len(sites) == 1 else reads.site_values(delta)
     elapsed = time.perf_counter() - t0
+    assert first_nll is not None
     info = [
         {
             "case_id": req.case_id,

@@ -1,11 +1,18 @@
-"""torchrun support: split batches across ranks and all-reduce the sums (gloo on CPU, nccl on GPU).
+"""torch.distributed support (gloo on CPU, nccl on GPU): the precompute splits batches across ranks and
+all-reduces the sums; `fastedit edit` splits the v* requests and the evaluation and gathers the results.
 
-Outside torchrun (WORLD_SIZE unset or 1) every function here is a no-op and rank 0 of 1 is returned.
+Ranks come from torchrun (its environment variables) or from `init_local` (``fastedit edit --workers N``
+starting N local processes). Outside both (WORLD_SIZE unset or 1) every function here is a no-op and rank 0 of 1
+is returned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,9 +25,53 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():  # nccl: one GPU per local rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_distributed() -> bool:
+    """True when a process group of more than one rank is running (no initialisation here)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_local(rank: int, world: int, port: int) -> None:
+    """Join a group of ``world`` local processes on ``port`` (what torchrun's environment does otherwise):
+    nccl with one GPU per rank when CUDA is there, else gloo."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """(rank, world size) for a block of work: a group torchrun's environment asks for is started here and left
+    at the end; one that was already running (``--workers``, a caller's own) is kept."""
+    started_here = dist.is_available() and not dist.is_initialized()
+    rank, world = rank_and_world()
+    try:
+        yield rank, world
+    finally:
+        if started_here and world > 1:
+            shutdown()
+
+
+def shutdown() -> None:
+    """Leave the process group (after the last collective)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device() -> torch.device:
@@ -61,6 +112,40 @@ def broadcast_rows(rows: list[torch.Tensor] | None) -> list[torch.Tensor] | None
         flat = torch.zeros(int(lengths.sum()), dtype=torch.long, device=device)
     dist.broadcast(flat, src=0)
     return list(flat.cpu().split(lengths.cpu().tolist()))
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi): rank's contiguous share of n items, the first n mod world ranks taking one more."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + int(rank < extra)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable; tensors on the CPU), in rank order; [obj] outside a group."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True when ``flag`` is True on every rank (e.g. every rank found a cache entry)."""
+    if not is_distributed():
+        return flag
+    return int(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.long))[0]) == dist.get_world_size()
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s values written into ``tensor`` on every rank, in place (returns the tensor)."""
+    if is_distributed():
+        moved = tensor.detach().to(_device())
+        dist.broadcast(moved, src=src)
+        if moved is not tensor:
+            with torch.no_grad():
+                tensor.copy_(moved)
+    return tensor
 
 
 def barrier() -> None:

@@ -21,7 +21,7 @@ from fastedit.arch import ArchSpec, arch_for, mlp_out_matrix
 from fastedit.models import cache_dir
 from fastedit.models import model_name as loaded_name
 from fastedit.stats import cache
-from fastedit.stats.accumulate import SecondMoment, accumulate
+from fastedit.stats.accumulate import ACCUMULATION, SecondMoment, accumulate
 from fastedit.stats.corpus import Corpus, resolve_corpus
 from fastedit.stats.distributed import all_reduce_sum, barrier, broadcast_rows, rank_and_world
 from fastedit.stats.errors import CorpusError, StatsCacheError, StatsError
@@ -96,7 +96,7 @@ def _expected_metadata(
         "module": spec.path("mlp_out", layer),
         "d_k": str(d_k),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "accumulate_dtype": "float64",
+        "accumulate_dtype": ACCUMULATION,
         "corpus": src.id,
         "corpus_kind": src.kind,
         "seed": str(seed),

@@ -1,0 +1,143 @@
+"""v* and `fastedit edit` across processes (gloo, 2 ranks on the CPU) against one process, on tiny models.
+
+Starting a process costs ~10 s of imports, so the tests that start some are marked ``slow`` (``make test-slow``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from click.testing import CliRunner
+from test_edit_api import HP, REQUESTS
+from tiny_models import tiny_model, tiny_tokenizer
+
+from fastedit.cli import cli
+from fastedit.editing.engine import compute_targets
+from fastedit.editing.hparams import EditHparams
+from fastedit.editing.patch import Patch
+from fastedit.editing.workers import run_in_workers
+from fastedit.requests import as_requests
+from fastedit.stats.distributed import shard_bounds
+
+pytestmark = pytest.mark.distributed
+
+FIVE = [
+    *REQUESTS,
+    {"case_id": "tower", "prompt": "The {} is located in", "subject": "Eiffel Tower", "target_new": "Rome"},
+    {"case_id": "mozart", "prompt": "{} was born in", "subject": "Mozart", "target_new": "Tokyo"},
+]
+
+
+def _targets(_folder: str | None = None):
+    hp = EditHparams(**{**HP, "layers": (0, 1)})
+    return compute_targets(tiny_model("llama"), tiny_tokenizer(), as_requests(FIVE), method="memit", hparams=hp)
+
+
+def _targets_job(folder: str) -> None:
+    """One rank: all targets (the ranks split the requests 3 + 2 and gather them)."""
+    values = _targets()
+    torch.save(
+        {"init": values.init, "targets": values.targets, "delta": values.delta, "info": values.info},
+        Path(folder) / f"rank{dist.get_rank()}.pt",
+    )
+
+
+def test_shard_bounds_cover_every_item_once():
+    for n in range(7):
+        for world in (1, 2, 3, 4):
+            shares = [shard_bounds(n, rank, world) for rank in range(world)]
+            assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(n))
+            assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_targets_of_one_process(tmp_path):
+    run_in_workers(_targets_job, str(tmp_path), 2)
+    single = _targets()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [i["case_id"] for i in got["info"]] == [r["case_id"] for r in FIVE]
+        assert [i["rank"] for i in got["info"]] == [0, 0, 0, 1, 1]  # each rank optimised its own share
+        for name in ("init", "targets", "delta"):
+            ref = getattr(single, name)
+            assert got[name].shape == ref.shape
+            assert float((got[name] - ref).abs().max() / ref.abs().max()) <= 1e-5, name
+
+
+def _edit_args(tmp_path: Path, text_corpus: Path) -> list[str]:
+    folder = tmp_path / "tiny"
+    if not folder.exists():
+        tiny_model("llama").save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        (tmp_path / "requests.json").write_text(json.dumps(FIVE))
+        (tmp_path / "hp.json").write_text(json.dumps(HP))
+    args = [str(tmp_path / "requests.json"), "--model", str(folder), "--hparams", str(tmp_path / "hp.json")]
+    return [*args, "--corpus", str(text_corpus), "--dm", "2", "--stats-dir", str(tmp_path / "stats")]
+
+
+def _same_patch(a: Path, b: Path) -> None:
+    pa, pb = Patch.load(a), Patch.load(b)
+    assert pa.metadata["case_ids"] == pb.metadata["case_ids"]
+    assert pa.factors.keys() == pb.factors.keys()
+    for layer, (a1, b1) in pa.factors.items():
+        a2, b2 = pb.factors[layer]
+        delta1, delta2 = a1.double() @ b1.double().T, a2.double() @ b2.double().T
+        assert float((delta1 - delta2).norm() / delta2.norm()) <= 1e-5
+
+
+@pytest.mark.slow
+def test_workers_and_torchrun_edit_like_one_process(tmp_path, text_corpus):
+    args = [*_edit_args(tmp_path, text_corpus), "--no-targets-cache"]
+    single = CliRunner().invoke(cli, ["edit", *args, "--out", str(tmp_path / "single")], catch_exceptions=False)
+    assert single.exit_code == 0, single.output
+
+    workers = CliRunner().invoke(cli, ["edit", *args, "--workers", "2", "--out", str(tmp_path / "workers")])
+    assert workers.exit_code == 0, workers.output
+    assert workers.output.count("ES") == 1  # one table, from rank 0
+    run = json.loads((tmp_path / "workers" / "run.json").read_text())
+    assert run["processes"] == 2 and run["options"]["workers"] == 2
+    _same_patch(tmp_path / "workers" / "patch.safetensors", tmp_path / "single" / "patch.safetensors")
+    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "workers" / "metrics.json").read_text())
+    for phase in ("pre", "post"):
+        for key in ("es", "ps", "ns"):
+            assert two[phase][key] == pytest.approx(one[phase][key], abs=1e-6)
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "fastedit.cli", "edit", *args,
+         "--out", str(tmp_path / "torchrun")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ES") == 1
+    _same_patch(tmp_path / "torchrun" / "patch.safetensors", tmp_path / "single" / "patch.safetensors")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_bad_workers_fail_before_the_model_loads(tmp_path, text_corpus, value):
+    args = [*_edit_args(tmp_path, text_corpus), "--model", "no-such-model", "--workers", value]
+    result = CliRunner().invoke(cli, ["edit", *args])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--workers" in result.output and "no-such-model" not in result.output
+
+
+@pytest.mark.slow
+def test_a_workers_error_is_one_line(tmp_path, text_corpus):
+    hp = tmp_path / "bad-hp.json"
+    hp.write_text(json.dumps({**HP, "layers": [0, 7]}))  # found only once the model is loaded, in the workers
+    args = [*_edit_args(tmp_path, text_corpus), "--hparams", str(hp), "--workers", "2", "--out", str(tmp_path / "x")]
+    result = CliRunner().invoke(cli, ["edit", *args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output and "layer" in result.output
+    assert not (tmp_path / "x").exists()
