@@ -130,6 +130,12 @@ def main() -> None:
         help="Override one hparam of every method (e.g. v_nll_stop=0.2) before tuning; recorded in the JSON.",
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/tune_split_<model>.json).")
+    parser.add_argument(
+        "--tune-from",
+        default=None,
+        metavar="JSON",
+        help="Take the tune rows and choices from an earlier run's JSON (same model, tune split, hparams, grids).",
+    )
     parser.add_argument("--tune-only", action="store_true", help="Stop after the tune split's rows and choice.")
     args = parser.parse_args()
     for spec in args.grid:
@@ -193,8 +199,9 @@ def main() -> None:
             save()
         return values[name, method]
 
+    earlier = reuse_tuning(args.tune_from, record, methods) if args.tune_from else None
     # Tune first (its rows and choice are saved before the report sets' v* starts), then report.
-    for method in methods:
+    for method in methods if earlier is None else []:
         rows = []
         for hp in grid(method, hps[method]):
             res = score_edit(model, tok, sets["tune"], method, hp, stats, targets("tune", method))
@@ -210,7 +217,10 @@ def main() -> None:
         for method in methods:
             tuned = hps[method].replace(**record["chosen"][method])
             for label, hp in (("fixed", hps[method]), ("tuned", tuned)):
-                res = score_edit(model, tok, sets[name], method, hp, stats, targets(name, method))
+                if label == "tuned" and tuned == hps[method]:  # the tune split chose the shipped setting
+                    res = dict(record["results"][name][method]["fixed"])
+                else:
+                    res = score_edit(model, tok, sets[name], method, hp, stats, targets(name, method))
                 record["results"].setdefault(name, {}).setdefault(method, {})[label] = {**setting(hp, method), **res}
                 print(f"{name} {method} {label} {res}", flush=True)
             save()
@@ -228,6 +238,25 @@ def main() -> None:
     save()
     print(record["table"])
     plot(record, methods, out_path.with_suffix(".png"))
+
+
+def reuse_tuning(path: str, record: dict[str, Any], methods: list[str]) -> dict[str, Any]:
+    """Copy an earlier run's tune rows and choices into ``record`` after checking it tuned the same thing."""
+    earlier = json.loads(Path(path).read_text())
+    same = ("model", "tune", "dm", "grids")
+    mine, theirs = record["config"], earlier["config"]
+    strip = lambda hp: {k: v for k, v in hp.items() if k != "notes"}  # noqa: E731
+    problems = [k for k in same if mine[k] != theirs[k]]
+    problems += [f"{m} hparams" for m in methods if strip(mine["hparams"][m]) != strip(theirs["hparams"].get(m, {}))]
+    problems += [f"{m} rows" for m in methods if m not in earlier["tune_rows"]]
+    problems += [f"{d} data" for d in ("counterfact", "corpus") if mine["data"][d] != theirs["data"][d]]
+    if problems:
+        raise SystemExit(f"--tune-from {path}: differs from this run in {', '.join(problems)}")
+    record["unedited"]["tune"] = earlier["unedited"]["tune"]
+    record["tune_from"] = {"file": Path(path).name, "values_seconds": earlier["values_seconds"]}
+    for m in methods:
+        record["tune_rows"][m], record["chosen"][m] = earlier["tune_rows"][m], earlier["chosen"][m]
+    return earlier
 
 
 def setting_str(row: dict[str, Any], method: str) -> str:

@@ -17,6 +17,19 @@ from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(request, tmp_path_factory, monkeypatch) -> None:
+    """Tests of logic write statistics, targets and samples into a cache of their own, never the user's; the data
+    directory stays the user's. Real-model tests keep the user's cache (the converted packaged models live there)."""
+    if request.node.get_closest_marker("real") is not None:
+        return
+    from fastedit.data import DATA_ENV, data_dir
+    from fastedit.models import CACHE_ENV
+
+    monkeypatch.setenv(DATA_ENV, str(data_dir()))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "fastedit-cache"))
+
+
 def data_set(name: str) -> Path:
     """The file of data set ``name`` from the data directory, or skip the test saying how to add it."""
     from fastedit.data import find_dataset

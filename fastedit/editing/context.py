@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fastedit.progress import track
+from fastedit.stats.sampler import last_logits_only
 
 _CACHE: dict[tuple[int, tuple[str, ...], int, int], list[str]] = {}
 
@@ -23,8 +24,9 @@ def _sample(model: torch.nn.Module, tokenizer: Any, seed_text: str, length: int,
     n_prompt = ids.shape[1]
     n_seed_tokens = len(tokenizer(seed_text, add_special_tokens=False).input_ids)
     # ``length`` counts the seed's own tokens, like the reference (max_out_len=10 includes the prompt).
+    last_only = last_logits_only(model)
     for _ in range(max(length - n_seed_tokens, 0)):
-        logits = model(input_ids=ids).logits[0, -1].float()
+        logits = model(input_ids=ids, **last_only).logits[0, -1].float()
         top = torch.topk(logits, min(top_k, logits.shape[-1]))
         choice = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1)]
         ids = torch.cat([ids, choice.view(1, 1)], dim=1)

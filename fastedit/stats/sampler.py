@@ -112,13 +112,17 @@ def _opener_ids(tokenizer: Any) -> list[int]:
     return [tokenizer(w, add_special_tokens=False).input_ids[0] for w in OPENERS]
 
 
+def last_logits_only(model: Any) -> dict[str, Any]:
+    """Forward kwargs that compute the LM head at the last position only, where the model supports it (the head
+    is 262k wide on Gemma: at every position it costs more than the rest of a short forward)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def _generate(model: Any, prompts: torch.Tensor, u: torch.Tensor, banned: list[int], cfg: SamplerConfig, b: Any):
     """Continue (B, P) prompts by u.shape[1] tokens with the KV cache; returns (B, P + new) ids."""
     params = inspect.signature(model.forward).parameters
-    kwargs: dict[str, Any] = {"use_cache": True}
-    if "logits_to_keep" in params:
-        kwargs["logits_to_keep"] = 1  # the LM head (262k wide for Gemma) only at the last position
+    kwargs: dict[str, Any] = {"use_cache": True, **last_logits_only(model)}
     cache_arg = "cache" if "cache" in params else "past_key_values"  # the newer transformers name first
     out = model(input_ids=prompts, **kwargs)
     tokens = [prompts]
