@@ -245,9 +245,16 @@ def reuse_tuning(path: str, record: dict[str, Any], methods: list[str]) -> dict[
     earlier = json.loads(Path(path).read_text())
     same = ("model", "tune", "dm", "grids")
     mine, theirs = record["config"], earlier["config"]
-    strip = lambda hp: {k: v for k, v in hp.items() if k != "notes"}  # noqa: E731
+
+    def strip(method: str, hp: dict[str, Any]) -> dict[str, Any]:
+        """The settings a tune row depends on: not the notes, nor what the grid replaces (MEMIT's λ is scaled)."""
+        axes = set(GRIDS[method]) - ({"mom2_update_weight"} if method == "memit" else set())
+        return {k: v for k, v in hp.items() if k != "notes" and k not in axes}
+
     problems = [k for k in same if mine[k] != theirs[k]]
-    problems += [f"{m} hparams" for m in methods if strip(mine["hparams"][m]) != strip(theirs["hparams"].get(m, {}))]
+    problems += [
+        f"{m} hparams" for m in methods if strip(m, mine["hparams"][m]) != strip(m, theirs["hparams"].get(m, {}))
+    ]
     problems += [f"{m} rows" for m in methods if m not in earlier["tune_rows"]]
     problems += [f"{d} data" for d in ("counterfact", "corpus") if mine["data"][d] != theirs["data"][d]]
     if problems:
