@@ -136,6 +136,11 @@ def main() -> None:
         metavar="JSON",
         help="Take the tune rows and choices from an earlier run's JSON (same model, tune split, hparams, grids).",
     )
+    parser.add_argument(
+        "--rescore",
+        default="report,facts",
+        help="Sets scored in this run; with --tune-from, the other sets' results are taken from that JSON.",
+    )
     parser.add_argument("--tune-only", action="store_true", help="Stop after the tune split's rows and choice.")
     args = parser.parse_args()
     for spec in args.grid:
@@ -213,7 +218,13 @@ def main() -> None:
         save()
     if args.tune_only:
         return
+    rescore = args.rescore.split(",")
     for name in ("report", "facts"):
+        if name not in rescore:
+            if earlier is None or name not in earlier.get("results", {}):
+                raise SystemExit(f"--rescore without {name}: --tune-from must name a run with {name} results")
+            record["results"][name], record["unedited"][name] = earlier["results"][name], earlier["unedited"][name]
+            continue
         for method in methods:
             tuned = hps[method].replace(**record["chosen"][method])
             for label, hp in (("fixed", hps[method]), ("tuned", tuned)):
