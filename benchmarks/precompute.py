@@ -81,7 +81,7 @@ def bench(name: str, dms: list[float], cap: int | None = None) -> list[dict]:
         row = {
             "model": name,
             "layers": layers,
-            "layers_from": source,
+            "layers_from": source.replace(str(Path(__file__).resolve().parents[1]) + "/", ""),  # no machine paths
             "d_k": d_k,
             "dm": dm,
             "tokens": n,

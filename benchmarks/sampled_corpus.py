@@ -20,10 +20,10 @@ import torch
 from dm_sweep import compute_all_values
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, restored_after
 from fastedit.config import config_to_dict
 from fastedit.editing.api import evaluate
-from fastedit.editing.engine import apply_edit, restore_weights
+from fastedit.editing.engine import apply_edit
 from fastedit.editing.hparams import load_hparams
 from fastedit.models import load_model
 from fastedit.requests import load_requests
@@ -80,9 +80,9 @@ def main() -> None:
     hp = load_hparams("memit", model)
     layers = list(hp.layers)
     print(f"{args.model}: {len(requests)} cases, layers {layers}, corpora {corpora}, d_m {args.dm:g}", flush=True)
-    unedited = {k: evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary[k] for k in METRICS}
+    before = evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary
+    unedited = {k: before[k] for k in METRICS}
     values, values_record = compute_all_values(model, tok, requests, {"memit": hp})
-    snapshot = {layer: mlp_out_param(model, spec, layer).detach().clone() for layer in layers}
 
     rows: dict[str, Any] = {}
     for corpus in corpora:
@@ -90,12 +90,10 @@ def main() -> None:
         run = run_stats(model, tok, layers, dm=args.dm, corpus=corpus, seed=args.seed, out=args.stats_dir)
         stats_seconds = time.perf_counter() - t0
         assert run.corpus is not None
-        try:
+        with restored_after(model, spec, layers):
             apply_edit(model, tok, requests, method="memit", hparams=hp,
                        stats={layer: run.stats[layer].mean for layer in layers}, values=values["memit"])  # fmt: skip
             summary = evaluate(model, tok, requests, batch_size=args.eval_batch_size).summary
-        finally:
-            restore_weights(model, snapshot)
         rows[corpus] = {
             "corpus_id": run.corpus.id if run.corpus.kind == "model" else data_id(corpus),
             "keys": int(run.stats[layers[0]].count),

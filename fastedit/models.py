@@ -325,7 +325,7 @@ def _convert_packaged(alias: str) -> Path:
     folder = _converted_folder(alias)
     if (folder / "config.json").exists():
         return folder
-    log.info("converting the packaged %s GGUF to safetensors once (13-45 s; later loads take seconds)", alias)
+    log.info("converting the packaged %s GGUF to safetensors once (minutes on a CPU; later loads take seconds)", alias)
     with phases(f"converting {alias}", ["locate GGUF", "parse + dequantise GGUF", "write safetensors"]) as step:
         gguf = packaged_gguf(alias)
         step("parse + dequantise GGUF")
