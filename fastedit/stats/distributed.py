@@ -45,14 +45,12 @@ def free_port() -> int:
 
 
 def init_local(rank: int, world: int, port: int) -> None:
-    """Join a group of ``world`` local processes on ``port`` (what torchrun's environment does otherwise):
-    nccl with one GPU per rank when CUDA is there, else gloo."""
+    """Join a group of ``world`` local processes on ``port``: the environment torchrun would set, then the same
+    initialisation as under torchrun (`rank_and_world`: nccl with one GPU per rank when CUDA is there, else gloo)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world)
+    rank_and_world()
 
 
 @contextlib.contextmanager
