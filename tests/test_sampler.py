@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
@@ -21,6 +23,13 @@ def test_rows_are_seeded_and_do_not_depend_on_their_batch():
     assert not torch.equal(a, sample_rows(model, tok, range(0, 6), 1, CFG, show=False))
     special = set(tok.all_special_ids)
     assert not any(int(t) in special for t in a[:, 1:].flatten())  # no EOS/pad/BOS inside a row
+
+
+def test_rows_per_forward_change_speed_not_samples():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    together = sample_rows(model, tok, range(0, 7), 0, CFG, show=False)  # one forward of 7 rows
+    chunked = sample_rows(model, tok, range(0, 7), 0, replace(CFG, forward_rows=3), show=False)  # 3 forwards
+    assert torch.equal(together, chunked)
 
 
 def test_pick_tokens_keeps_to_top_k_and_top_p():
