@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastedit.atomic import write_text, write_with
 from fastedit.data import KNOWN, dataset_path, sha256_of
 from fastedit.requests import EditRequest
 
@@ -85,23 +86,18 @@ def score(model: Any, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write ``data`` as JSON atomically (temp file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``data`` as JSON atomically (``fastedit.atomic``: never a half-written result)."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def values_in_workers(

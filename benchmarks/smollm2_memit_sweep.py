@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
 
 import torch
-from edit_common import RESULTS, load_cases, score, stats_for
+from edit_common import RESULTS, load_cases, score, stats_for, write_json
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.editing.context import context_templates
@@ -63,10 +62,7 @@ def main() -> None:
             print(row, flush=True)
     result = {"model": "smollm2-135m", "n": args.n, "mode": args.mode, "layers": list(base.layers), "rows": rows}
     out = RESULTS / os.path.basename(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     print(f"{'λ':>7} {'clamp':>5} {'lr':>4} {'steps':>5} {'ES':>5} {'PS':>5} {'NS':>5} {'Score':>5}")
     for r in rows[1:]:
         print(

@@ -17,7 +17,7 @@ and sha256, never by path.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import itertools
 import json
 import os
@@ -28,6 +28,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from edit_common import RESULTS, save_figure, sha256_of, write_json
 
 import fastedit
 from fastedit.arch import arch_for, restored_after
@@ -40,7 +41,6 @@ from fastedit.requests import EditRequest, load_requests
 from fastedit.stats import ensure_stats
 from fastedit.stats.cache import model_slug
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FACTS = Path(__file__).resolve().parents[1] / "data" / "well-known-facts.json"
 METRICS = ("es", "ps", "ns", "score")
 NS_SLACK = 5.0  # a tuned setting may cost at most this many NS points against the unedited model
@@ -51,10 +51,6 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "emmet": {"rel_eps": [1e-6, 1e-2, 1e-1]},
     "alphaedit": {"nullspace_threshold": [1e-3, 1e-2], "alphaedit_l2": [1.0, 10.0]},
 }
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def grid(method: str, base: EditHparams) -> list[EditHparams]:
@@ -149,6 +145,15 @@ def main() -> None:
         if method not in GRIDS or axis not in GRIDS[method] or not vals:
             parser.error(f"--grid {spec!r}: expected METHOD.KEY=V1,V2 with an axis of {GRIDS}")
         GRIDS[method][axis] = [float(v) for v in vals.split(",")]
+    overrides: dict[str, Any] = {}
+    for item in args.overrides:  # checked here, before the model loads
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(EditHparams)}:
+            parser.error(f"--set {item!r}: {key!r} is not an hparam (see fastedit/editing/hparams.py)")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value must be JSON, e.g. v_nll_stop=0.2 or kl_prompt='\"{{}} is a\"'")
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -162,9 +167,8 @@ def main() -> None:
     sets = {"tune": split(args.tune), "report": split(args.report), "facts": load_requests(facts).requests}
     model, tok = fastedit.load_model(args.model)
     hps = {m: load_hparams(m, model) for m in methods}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        hps = {m: hp.replace(**{key: type(getattr(hp, key))(json.loads(value))}) for m, hp in hps.items()}
+    for key, value in overrides.items():
+        hps = {m: hp.replace(**{key: type(getattr(hp, key))(value)}) for m, hp in hps.items()}
     layers = sorted({layer for hp in hps.values() for layer in hp.layers})
     stats = {k: v.mean for k, v in ensure_stats(model, tok, layers, dm=args.dm, corpus=str(corpus)).items()}
     folder = cache_dir() / "targets" / model_slug(args.model)
@@ -173,9 +177,9 @@ def main() -> None:
         "config": {
             "model": args.model, "methods": methods, "tune": args.tune, "report": args.report, "dm": args.dm,
             "data": {
-                "counterfact": {"file": counterfact.name, "sha256": sha256(counterfact)},
-                "corpus": {"file": corpus.name, "sha256": sha256(corpus)},
-                "facts": {"file": facts.name, "sha256": sha256(facts), "n": len(sets["facts"])},
+                "counterfact": {"file": counterfact.name, "sha256": sha256_of(counterfact)},
+                "corpus": {"file": corpus.name, "sha256": sha256_of(corpus)},
+                "facts": {"file": facts.name, "sha256": sha256_of(facts), "n": len(sets["facts"])},
             },
             "grids": GRIDS, "overrides": args.overrides, "ns_slack": NS_SLACK, "threads": torch.get_num_threads(),
             "hparams": {m: config_to_dict(hp) for m, hp in hps.items()},
@@ -184,10 +188,7 @@ def main() -> None:
     }  # fmt: skip
 
     def save() -> None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out_path)
+        write_json(out_path, record)
 
     values: dict[tuple[str, str], Any] = {}
 
@@ -303,10 +304,7 @@ def plot(record: dict[str, Any], methods: list[str], path: Path) -> None:
         ax.set_title(f"{record['config']['model']}: {name}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
