@@ -329,6 +329,7 @@ def sae() -> None:
 @click.option("--forget-topic", help="CounterFact topic whose statements feed the variants' forget objectives.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the SAELens-layout SAE.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing SAE folder at --out.")
+@placement_options
 def sae_train_cmd(
     model: str,
     layer: int,
@@ -344,6 +345,8 @@ def sae_train_cmd(
     forget_topic: str | None,
     out: str,
     overwrite: bool,
+    device: str | None,
+    dtype: str | None,
 ) -> None:
     """Train an SAE on MODEL's activations at LAYER and save it to OUT (cfg.json + safetensors)."""
     import json
@@ -365,6 +368,8 @@ def sae_train_cmd(
         l1=l1,
         epochs=epochs,
         overwrite=overwrite,
+        device=device,
+        dtype=dtype,
     )
     result.pop("train", None)
     click.echo(json.dumps(result, indent=2))
@@ -375,13 +380,17 @@ def sae_train_cmd(
 @click.option("--model", help="Override the model named in cfg.json.")
 @click.option("--corpus", help="Text corpus as for sae train; its held-out 10% of documents is used.")
 @click.option("--tokens", type=click.IntRange(min=1), default=20_000, show_default=True)
-def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int) -> None:
+@placement_options
+def sae_eval_cmd(
+    folder: str, model: str | None, corpus: str | None, tokens: int, device: str | None, dtype: str | None
+) -> None:
     """L0, explained variance and CE-loss recovered of the SAE in FOLDER (fastedit or SAELens layout)."""
     import json
 
     from fastedit.sae.api import eval_sae
 
-    click.echo(json.dumps(eval_sae(folder, model=model, corpus=corpus, tokens=tokens), indent=2))
+    result = eval_sae(folder, model=model, corpus=corpus, tokens=tokens, device=device, dtype=dtype)
+    click.echo(json.dumps(result, indent=2))
 
 
 @cli.command("unlearn")
@@ -420,6 +429,7 @@ def sae_eval_cmd(folder: str, model: str | None, corpus: str | None, tokens: int
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for unlearning.json + plot.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier result in --out.")
+@placement_options
 def unlearn_cmd(
     model: str,
     saes: tuple[str, ...],
@@ -434,6 +444,8 @@ def unlearn_cmd(
     corpus: str | None,
     out: str,
     overwrite: bool,
+    device: str | None,
+    dtype: str | None,
 ) -> None:
     """Compare SAE feature clamping with MEMIT/EMMET edits at forgetting one CounterFact topic."""
     from fastedit.sae.unlearn import UnlearnConfig, run_unlearning
@@ -457,7 +469,7 @@ def unlearn_cmd(
         counterfact=counterfact or "",
         corpus=corpus or "",
     )
-    result = run_unlearning(model, list(saes), out, config=cfg, overwrite=overwrite)
+    result = run_unlearning(model, list(saes), out, config=cfg, overwrite=overwrite, device=device, dtype=dtype)
     written = ", ".join(f"{out}/{name}" for name in ("unlearning.json", "table.md", "unlearning.png"))
     click.echo(f"{result['split']['summary']}\n\n{result['table']}\n\nwritten: {written}")
 

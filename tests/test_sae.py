@@ -211,6 +211,21 @@ def _identity_sae(d: int) -> SAE:
     return sae.requires_grad_(False)
 
 
+def test_sae_runs_on_activations_of_another_device_and_dtype():
+    """A float32 SAE on the CPU under a bfloat16 model on a GPU (fake CUDA tensors): computed on the SAE's device,
+    the reconstruction handed back on the model's device and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    sae = _identity_sae(24)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        h = torch.empty(2, 5, 24, device="cuda", dtype=torch.bfloat16)
+        x_hat, z = sae.on_activations(h)
+        assert x_hat.device.type == "cuda" and x_hat.dtype == torch.bfloat16 and x_hat.shape == h.shape
+        assert z.device.type == "cpu" and z.dtype == torch.float32
+    x = torch.randn(3, 24, dtype=torch.float64)
+    assert torch.allclose(sae.on_activations(x)[0], x, atol=1e-6)  # exact SAE: x back, in x's dtype
+
+
 def test_ce_recovered_is_one_for_an_exact_sae_and_low_for_a_bad_one():
     model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
     exact = ce_recovered(model, tok, _identity_sae(24), TEXT, 1, context=16, n_windows=2)

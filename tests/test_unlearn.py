@@ -315,17 +315,31 @@ def test_cli_sae_train_eval_and_unlearn(tmp_path, monkeypatch, counterfact):
     assert {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"} <= {
         p.name for p in (tmp_path / "s").iterdir()
     }
-    res = runner.invoke(cli, ["sae", "eval", str(tmp_path / "s"), "--corpus", str(corpus), "--tokens", "500"])
+    eval_args = ["sae", "eval", str(tmp_path / "s"), "--corpus", str(corpus), "--tokens", "500", "--dtype", "float64"]
+    res = runner.invoke(cli, eval_args)  # a float64 model under the float32 SAE
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["hook"] == "blocks.1.hook_resid_post"
     res = runner.invoke(cli, ["sae", "eval", str(tmp_path)])
     assert res.exit_code == 1 and res.output.startswith("error:") and "SAELens layout" in res.output
     args = ["unlearn", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "s"), "--editors", ""]
     args += ["--candidates", "60", "--max-forget", "20", "--retain-questions", "14", "--corpus", str(corpus)]
-    args += ["--counterfact", str(counterfact), "--out", str(tmp_path / "u")]
+    args += ["--counterfact", str(counterfact), "--out", str(tmp_path / "u"), "--dtype", "float64"]
     res = runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert "| topk |" in res.stdout and (tmp_path / "u" / "unlearning.png").exists()
+    saved = json.loads((tmp_path / "u" / "unlearning.json").read_text())
+    assert saved["placement"] == {"device": "cpu", "dtype": "torch.float64"}
+
+
+def test_sae_commands_check_device_before_any_work(tmp_path):
+    """--device/--dtype exist on every command that loads a model, and a device torch lacks is one line."""
+    runner = CliRunner()
+    train = ["sae", "train", "--model", "smollm2-135m", "--layer", "1", "--out", str(tmp_path / "s")]
+    unlearn = ["unlearn", "--model", "smollm2-135m", "--sae", str(tmp_path), "--out", str(tmp_path / "u")]
+    for args in (train, unlearn):
+        res = runner.invoke(cli, [*args, "--device", "cuda:99", "--dtype", "bfloat16"])
+        assert res.exit_code == 1 and res.output.startswith("error:") and "no such CUDA device" in res.output, args
+    assert not (tmp_path / "s").exists() and not (tmp_path / "u").exists()
 
 
 @pytest.mark.parametrize("skip", [True, False])

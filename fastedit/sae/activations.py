@@ -161,14 +161,16 @@ def stream_activations(
 ) -> Iterator[torch.Tensor]:
     """Yield (n_tokens, d_in) float32 chunks of activations at the hook, BOS/padding dropped."""
     name = hook_path(model, layer, site)
+    device = next(model.parameters()).device
     windows, lengths = token_windows(tokenizer, texts, context, max_tokens)
     keep = _mask(tokenizer, windows, lengths)
     for start in track(range(0, len(windows), batch_size), desc="activations", unit="batch", show=progress):
         ids = windows[start : start + batch_size]
         attn = (torch.arange(ids.shape[1])[None, :] < lengths[start : start + batch_size, None]).long()
         with capture(model, [name], stop_after=name) as rec:
-            model(input_ids=ids, attention_mask=attn)
-        yield rec[name].output[keep[start : start + batch_size]].float()
+            model(input_ids=ids.to(device), attention_mask=attn.to(device))
+        # on the CPU in float32 whatever the model's device/dtype: the SAE trains and the cache lives there
+        yield rec[name].output[keep[start : start + batch_size].to(device)].to("cpu", torch.float32)
 
 
 def _cache_key(model: torch.nn.Module, corpus: str, layer: int, site: str, context: int, tokens: int) -> str:

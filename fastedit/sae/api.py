@@ -11,7 +11,7 @@ import torch
 
 from fastedit.atomic import check_writable, is_occupied
 from fastedit.errors import FasteditError, OutputError
-from fastedit.models import load_model, model_name
+from fastedit.models import load_model, model_name, placement
 from fastedit.sae.activations import (
     ShufflingBuffer,
     bos_id,
@@ -31,9 +31,11 @@ from fastedit.sae.train import TrainConfig, steps_for, train_on_batches
 log = logging.getLogger(__name__)
 
 
-def _model(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+def _model(model: Any, tokenizer: Any, placed: tuple[torch.device, torch.dtype]) -> tuple[Any, Any]:
+    """(model, tokenizer): loaded on ``placed`` = (device, dtype) when ``model`` is a name (the SAE stays float32
+    on the CPU; activations move between the two)."""
     if isinstance(model, str):
-        return load_model(model)
+        return load_model(model, device=placed[0], dtype=placed[1])
     if tokenizer is None:
         raise FasteditError("pass a tokenizer with a loaded model")
     return model, tokenizer
@@ -92,6 +94,8 @@ def train_sae(
     ce_windows: int = 8,
     activation_cache: str | Path | None = None,
     overwrite: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train one SAE at ``layer`` on ``tokens`` corpus activations (cached and reused) and save it to ``out``.
@@ -101,13 +105,14 @@ def train_sae(
     topic's statements (see `questions.py`). Returns the metrics recorded in cfg.json. An existing SAE folder
     at ``out`` is refused (before any work) unless ``overwrite``.
     """
+    placed = placement(device, dtype)  # every check before the model loads, these first
     if arch not in ARCHS:
         raise FasteditError(f"unknown SAE arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if is_occupied(Path(out)) and not overwrite:
         raise OutputError(f"SAE folder {str(out)!r} already exists; choose another --out or pass --overwrite")
     check_writable(Path(out).parent, "the SAE folder")
     check_sae_corpus(corpus)
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, placed)
     from fastedit.arch import arch_for
 
     d_in = arch_for(model).d_model(model.config)
@@ -167,15 +172,18 @@ def eval_sae(
     corpus: str | Path | None = None,
     tokens: int = 20_000,
     ce_windows: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Load an SAE folder (fastedit or SAELens layout) and measure it on held-out text of its model."""
+    placed = placement(device, dtype)
     sae, info = load_sae(folder)
     check_sae_corpus(corpus)
     if model is None:
         if not info.model_name:
             raise FasteditError(f"{folder}/cfg.json names no model_name; pass --model")
         model = info.model_name
-    model, tokenizer = _model(model, tokenizer)
+    model, tokenizer = _model(model, tokenizer, placed)
     metrics = evaluate_sae(model, tokenizer, sae, info, corpus=corpus, tokens=tokens, ce_windows=ce_windows)
     return {
         "folder": str(folder),

@@ -42,6 +42,7 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> d
 
 def _ce(model: torch.nn.Module, ids: torch.Tensor, first: int) -> float:
     """Mean next-token cross-entropy over positions ≥ ``first`` (skip predicting from BOS)."""
+    ids = ids.to(next(model.parameters()).device)
     logits = model(input_ids=ids).logits[:, first:-1].float()
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, first + 1 :].flatten()))
 
@@ -65,7 +66,7 @@ def ce_recovered(
     skip = 1 if bos_id(tokenizer) is not None else 0
 
     def splice(h: torch.Tensor) -> torch.Tensor:
-        out = sae(h.float())[0].to(h.dtype)
+        out = sae.on_activations(h)[0]
         out[:, :skip] = h[:, :skip]
         return out
 

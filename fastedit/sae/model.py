@@ -82,6 +82,16 @@ class SAE(nn.Module):
             self.register_buffer("act_sq", torch.zeros(d_sae))
             self.gating = False  # switched on in training phase 2
 
+    @property
+    def device(self) -> torch.device:
+        return self.b_dec.device
+
+    def on_activations(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of a model activation h (..., d_in) wherever h lives: computed on the SAE's device in
+        float32, the reconstruction returned on h's device and dtype, the features z on the SAE's device."""
+        x_hat, z = self(h.to(self.device, torch.float32))
+        return x_hat.to(h.device, h.dtype), z
+
     # ---- weights --------------------------------------------------------------------------------------
     def decoder(self) -> torch.Tensor:
         """W_dec (d_sae, d_in) in the normalised space."""

@@ -419,6 +419,7 @@ def mc_accuracy(
 ) -> dict[str, Any]:
     """Four-letter accuracy: argmax over the logits of the letter tokens at the end of the prompt."""
     letter_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"][-1] for c in LETTERS]
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = []
     for start in range(0, len(rows), batch_size):
@@ -430,6 +431,7 @@ def mc_accuracy(
         for i, e in enumerate(enc):
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), logits_to_keep=1).logits
         pred = logits[:, -1, letter_ids].argmax(-1)
         correct += [int(p) == r["answer"] for p, r in zip(pred.tolist(), batch, strict=True)]

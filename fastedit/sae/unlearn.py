@@ -47,7 +47,7 @@ from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.data import resolve_data
 from fastedit.errors import FasteditError
-from fastedit.models import load_model, model_name
+from fastedit.models import load_model, model_name, placement
 from fastedit.sae.activations import check_sae_corpus, hook_path, read_corpus, stream_activations
 from fastedit.sae.api import check_fits
 from fastedit.sae.io import SAEInfo, load_sae
@@ -138,15 +138,17 @@ def clamp_features(
     model: torch.nn.Module, sae: SAE, info: SAEInfo, features: torch.Tensor, values: torch.Tensor, mask: _Mask
 ) -> Iterator[None]:
     """Set ``features`` (n,) to −``values`` (n,) wherever they are active, keeping the SAE error (see module doc)."""
+    # computed on the SAE's device in float32; the change goes back to the model's device and dtype
+    features, values = features.to(sae.device), values.to(sae.device)
     dec = sae.decoder()[features] * sae.scale  # (n, d_in) raw-space decoder rows
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        z = sae.encode(h.float())[..., features]  # (b, s, n)
+        z = sae.encode(h.to(sae.device, torch.float32))[..., features]  # (b, s, n)
         active = z > 0
         if mask.value is not None and mask.value.shape == active.shape[:2]:
-            active &= mask.value[..., None]
+            active &= mask.value.to(sae.device)[..., None]
         delta = torch.where(active, -values - z, torch.zeros_like(z))
-        return h + (delta @ dec).to(h.dtype)
+        return h + (delta @ dec).to(h.device, h.dtype)
 
     with edit_output(model, hook_path(model, info.layer, info.site), fn):
         yield
@@ -498,14 +500,17 @@ def run_unlearning(
     tokenizer: Any = None,
     config: UnlearnConfig | None = None,
     overwrite: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """The comparison: every SAE's clamp grid, then MEMIT and EMMET, on one forget/retain question split.
 
     Writes ``unlearning.json`` (config, gate, question split with case ids, rows, every grid point),
     ``table.md`` and ``unlearning.png`` into ``out``; returns the JSON content. An earlier result in ``out`` is
-    only replaced with ``overwrite``.
+    only replaced with ``overwrite``. A model given by name loads on ``device`` in ``dtype`` (`models.placement`).
     """
     cfg = config or UnlearnConfig()
+    placed = placement(device, dtype)  # a bad --device/--dtype fails here, before any work
     questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
     if not questions.is_file():
         raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
@@ -524,7 +529,7 @@ def run_unlearning(
         )
     saes_loaded = [(Path(s), *load_sae(s)) for s in saes]  # fail early on a bad folder, before any long work
     if isinstance(model, str):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, device=placed[0], dtype=placed[1])
     elif tokenizer is None:
         raise FasteditError("pass a tokenizer with a loaded model")
     for _, sae, info in saes_loaded:
@@ -572,6 +577,7 @@ def run_unlearning(
     note = protocol_note(cfg, sets, gate)
     result = {
         "model": model_name(model),
+        "placement": {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
         "config": config_to_dict(cfg),
         "protocol": note,
         "gate": gate.as_dict(),
