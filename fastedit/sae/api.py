@@ -31,7 +31,7 @@ from fastedit.sae.train import TrainConfig, steps_for, train_on_batches
 log = logging.getLogger(__name__)
 
 
-def _model(model: Any, tokenizer: Any, placed: tuple[torch.device, torch.dtype]) -> tuple[Any, Any]:
+def model_and_tokenizer(model: Any, tokenizer: Any, placed: tuple[torch.device, torch.dtype]) -> tuple[Any, Any]:
     """(model, tokenizer): loaded on ``placed`` = (device, dtype) when ``model`` is a name (the SAE stays float32
     on the CPU; activations move between the two)."""
     if isinstance(model, str):
@@ -112,7 +112,7 @@ def train_sae(
         raise OutputError(f"SAE folder {str(out)!r} already exists; choose another --out or pass --overwrite")
     check_writable(Path(out).parent, "the SAE folder")
     check_sae_corpus(corpus)
-    model, tokenizer = _model(model, tokenizer, placed)
+    model, tokenizer = model_and_tokenizer(model, tokenizer, placed)
     from fastedit.arch import arch_for
 
     d_in = arch_for(model).d_model(model.config)
@@ -183,7 +183,7 @@ def eval_sae(
         if not info.model_name:
             raise FasteditError(f"{folder}/cfg.json names no model_name; pass --model")
         model = info.model_name
-    model, tokenizer = _model(model, tokenizer, placed)
+    model, tokenizer = model_and_tokenizer(model, tokenizer, placed)
     metrics = evaluate_sae(model, tokenizer, sae, info, corpus=corpus, tokens=tokens, ce_windows=ce_windows)
     return {
         "folder": str(folder),

@@ -47,9 +47,9 @@ from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.data import resolve_data
 from fastedit.errors import FasteditError
-from fastedit.models import load_model, model_name, placement
+from fastedit.models import model_name, placement
 from fastedit.sae.activations import check_sae_corpus, hook_path, read_corpus, stream_activations
-from fastedit.sae.api import check_fits
+from fastedit.sae.api import check_fits, model_and_tokenizer
 from fastedit.sae.io import SAEInfo, load_sae
 from fastedit.sae.model import SAE
 from fastedit.sae.questions import (
@@ -528,10 +528,7 @@ def run_unlearning(
             f"{cfg.retain_max_drop}"
         )
     saes_loaded = [(Path(s), *load_sae(s)) for s in saes]  # fail early on a bad folder, before any long work
-    if isinstance(model, str):
-        model, tokenizer = load_model(model, device=placed[0], dtype=placed[1])
-    elif tokenizer is None:
-        raise FasteditError("pass a tokenizer with a loaded model")
+    model, tokenizer = model_and_tokenizer(model, tokenizer, placed)
     for _, sae, info in saes_loaded:
         check_fits(model, sae, info)
     t0 = time.perf_counter()
