@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, values_in_workers, write_json
 
-from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
+from fastedit.arch import arch_for, model_device, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
 from fastedit.editing import values as values_module
 from fastedit.editing.api import evaluate
@@ -162,7 +162,7 @@ def main() -> None:
             values[mode], t_values = values_in_workers(
                 args.model, args.requests, args.n, hp, contexts, workers, per_worker
             )
-            values[mode].to(next(model.parameters()).device)
+            values[mode].to(model_device(model))
         else:
             values[mode] = compute_values(
                 model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from fastedit.arch import arch_for, mlp_out_matrix, stop_after
+from fastedit.arch import arch_for, mlp_out_matrix, model_device, stop_after
 from fastedit.data import dataset_path, sha256_of
 from fastedit.models import load_model
 from fastedit.stats import default_layers, run_stats
-from fastedit.stats.accumulate import SecondMoment, accumulate, input_device
+from fastedit.stats.accumulate import SecondMoment, accumulate
 from fastedit.stats.corpus import resolve_corpus
 from fastedit.stats.precompute import DEFAULT_BATCH_TOKENS, DEFAULT_SEQ_LEN, n_keys
 from fastedit.stats.tokens import make_batches, plan_rows
@@ -41,7 +41,7 @@ def peak_rss_mb() -> float:
 
 @torch.no_grad()
 def bare_forward(model, spec, layer: int, batches) -> float:
-    device = input_device(model)
+    device = model_device(model)
     start = time.perf_counter()
     for batch in batches:
         with stop_after(model, spec.path("mlp_out", layer)):

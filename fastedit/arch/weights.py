@@ -14,6 +14,11 @@ import torch
 from fastedit.arch.spec import ArchSpec
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live: inputs built on the CPU (token ids, masks) are moved here."""
+    return next(model.parameters()).device
+
+
 def mlp_out_param(model: torch.nn.Module, spec: ArchSpec, layer: int) -> torch.nn.Parameter:
     return spec.module(model, "mlp_out", layer).weight
 

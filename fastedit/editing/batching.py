@@ -62,7 +62,3 @@ def anchor_pad(
         mask[i, start : start + len(row)] = 1
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)
     return AnchoredBatch(ids.to(device), mask.to(device), position_ids.to(device), prefix)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fastedit.arch import model_device
 from fastedit.progress import track
 from fastedit.stats.sampler import last_logits_only
 
@@ -20,7 +21,7 @@ _CACHE: dict[tuple[int, tuple[str, ...], int, int], list[str]] = {}
 
 @torch.no_grad()
 def _sample(model: torch.nn.Module, tokenizer: Any, seed_text: str, length: int, top_k: int) -> str:
-    ids = tokenizer(seed_text, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    ids = tokenizer(seed_text, return_tensors="pt").input_ids.to(model_device(model))
     n_prompt = ids.shape[1]
     n_seed_tokens = len(tokenizer(seed_text, add_special_tokens=False).input_ids)
     # ``length`` counts the seed's own tokens, like the reference (max_out_len=10 includes the prompt).

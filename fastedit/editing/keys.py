@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from fastedit.arch import ArchSpec, capture
-from fastedit.editing.batching import model_device, pad_token_id, right_pad
+from fastedit.arch import ArchSpec, capture, model_device
+from fastedit.editing.batching import pad_token_id, right_pad
 from fastedit.editing.subject import subject_last_index
 from fastedit.requests import EditRequest
 

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fastedit.arch import arch_for, mlp_out_param
+from fastedit.arch import arch_for, mlp_out_param, model_device
 from fastedit.atomic import save_safetensors, write_text
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.patch import tensor_sha256
@@ -114,7 +114,7 @@ def cached_targets(
         hit = None
     if hit is not None:
         log.info("v* targets of %d requests from the cache (%s)", len(requests), key)
-        device = next(model.parameters()).device
+        device = model_device(model)
         hit.init, hit.targets = hit.init.to(device), hit.targets.to(device)
         hit.delta = hit.delta.to(device) if hit.delta is not None else None
         return hit, True

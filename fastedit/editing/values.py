@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastedit.arch import ArchSpec, add_at_positions, capture
+from fastedit.arch import ArchSpec, add_at_positions, capture, model_device
 from fastedit.config import config_to_dict
-from fastedit.editing.batching import anchor_pad, model_device, pad_token_id, right_pad
+from fastedit.editing.batching import anchor_pad, pad_token_id, right_pad
 from fastedit.editing.hparams import EditHparams
 from fastedit.editing.keys import contextual_prompts
 from fastedit.editing.replay import LayerReplay

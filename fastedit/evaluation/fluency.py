@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fastedit.arch import model_device
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -41,7 +43,7 @@ def generate(
     batch_size: int = 8,
 ) -> list[str]:
     """Seeded top-k samples (the reference uses top-k 5), one continuation per prompt, prompt excluded."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     side = tokenizer.padding_side

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastedit.arch import model_device
 from fastedit.progress import track
 
 
@@ -56,10 +57,6 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score_pairs(
     model: torch.nn.Module,
@@ -75,7 +72,7 @@ def score_pairs(
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), encoded[i][1]))
     results: list[TargetScore | None] = [None] * len(encoded)
     pad = _pad_id(tokenizer)
-    device = _device(model)
+    device = model_device(model)
     starts = range(0, len(order), batch_size)
     for start in track(starts, desc=desc or "", unit="batch", show=desc is not None):
         rows = order[start : start + batch_size]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from fastedit.arch import arch_for, capture
+from fastedit.arch import arch_for, capture, model_device
 from fastedit.atomic import save_safetensors
 from fastedit.data import dataset_path
 from fastedit.errors import FasteditError
@@ -161,7 +161,7 @@ def stream_activations(
 ) -> Iterator[torch.Tensor]:
     """Yield (n_tokens, d_in) float32 chunks of activations at the hook, BOS/padding dropped."""
     name = hook_path(model, layer, site)
-    device = next(model.parameters()).device
+    device = model_device(model)
     windows, lengths = token_windows(tokenizer, texts, context, max_tokens)
     keep = _mask(tokenizer, windows, lengths)
     for start in track(range(0, len(windows), batch_size), desc="activations", unit="batch", show=progress):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastedit.arch import edit_output
+from fastedit.arch import edit_output, model_device
 from fastedit.sae.activations import bos_id, hook_path, token_windows
 from fastedit.sae.model import SAE
 
@@ -42,7 +42,7 @@ def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> d
 
 def _ce(model: torch.nn.Module, ids: torch.Tensor, first: int) -> float:
     """Mean next-token cross-entropy over positions ≥ ``first`` (skip predicting from BOS)."""
-    ids = ids.to(next(model.parameters()).device)
+    ids = ids.to(model_device(model))
     logits = model(input_ids=ids).logits[:, first:-1].float()
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, first + 1 :].flatten()))
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from fastedit.arch import model_device
 from fastedit.errors import FasteditError, RequestError
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def score_probes(
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
     rows = [r for p in probes for r in p.rows]
     lens = [n for p in probes for n in p.answer_lens]
-    device = next(model.parameters()).device
+    device = model_device(model)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -419,7 +420,7 @@ def mc_accuracy(
 ) -> dict[str, Any]:
     """Four-letter accuracy: argmax over the logits of the letter tokens at the end of the prompt."""
     letter_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"][-1] for c in LETTERS]
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = []
     for start in range(0, len(rows), batch_size):

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fastedit.arch import arch_for, edit_output, mlp_out_param
+from fastedit.arch import arch_for, edit_output, mlp_out_param, model_device
 from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.data import resolve_data
@@ -574,7 +574,7 @@ def run_unlearning(
     note = protocol_note(cfg, sets, gate)
     result = {
         "model": model_name(model),
-        "placement": {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
+        "placement": {"device": str(model_device(model)), "dtype": str(next(model.parameters()).dtype)},
         "config": config_to_dict(cfg),
         "protocol": note,
         "gate": gate.as_dict(),

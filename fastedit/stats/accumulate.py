@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastedit.arch import ArchSpec, capture
+from fastedit.arch import ArchSpec, capture, model_device
 from fastedit.progress import bar as progress_bar
 from fastedit.stats.errors import StatsError
 from fastedit.stats.tokens import Batch
@@ -72,10 +72,6 @@ class SecondMoment:
         return self.sum / max(self.count, 1)
 
 
-def input_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def accumulate(
     model: torch.nn.Module,
@@ -95,7 +91,7 @@ def accumulate(
     """
     names = {layer: spec.path("mlp_out", layer) for layer in moments}
     stop = names[max(moments)]
-    device = input_device(model)
+    device = model_device(model)
     bar = progress_bar(
         total=total_tokens,
         initial=initial_tokens,

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from fastedit.arch import model_device
 from fastedit.atomic import save_safetensors
 from fastedit.progress import bar
 
@@ -149,7 +150,7 @@ def sample_rows(
     model: Any, tokenizer: Any, rows: range, seed: int, cfg: SamplerConfig, show: bool = True
 ) -> torch.Tensor:
     """Rows ``rows`` (global indices) of the seeded sample, (len(rows), row_tokens) long, in batches."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     prefix = special_prefix(tokenizer)
     openers = _opener_ids(tokenizer)
     new_tokens = cfg.row_tokens - len(prefix) - 1
