@@ -37,7 +37,7 @@ METRICS = ("es", "ps", "ns", "score")
 
 # name -> hparams overrides. Kept as the record of what was tried (the JSON holds the scores).
 TREATMENTS: dict[str, dict[str, Any]] = {
-    "output_site": {"post_norm": "output_site"},  # session 1: δ on layer 7's mlp_out output, spread as-is
+    "output_site": {"post_norm": "output_site"},  # δ on layer 7's mlp_out output, spread as-is
     "ignore": {"post_norm": "ignore"},  # δ on the residual, ΔM = r (the norm ignored)
     "project": {"post_norm": "project"},  # δ on the residual, r mapped to the nearest reachable ΔM
     "per_layer": {"post_norm": "per_layer"},  # one δ per layer on its mlp_out output, every norm in the loop

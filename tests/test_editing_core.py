@@ -306,6 +306,37 @@ def test_alphaedit_leaves_generic_and_earlier_keys_alone_and_still_edits():
     assert (delta @ previous).norm() <= 1e-3 * (delta @ k).norm()
 
 
+def test_alphaedit_exact_mode_keeps_close_earlier_keys_where_the_penalty_leaks():
+    """This batch's key nearly repeats an earlier one: the published penalty leaves a part of ΔW on the earlier
+    key; "exact" removes the earlier keys' directions from the null space and leaves them untouched."""
+    r, k, _ = _random_problem(n=1)
+    basis, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])
+    g = torch.Generator().manual_seed(3)
+    previous = torch.cat([k + 0.05 * torch.randn(9, 1, generator=g, dtype=torch.float64),
+                          torch.randn(9, 1, generator=g, dtype=torch.float64)], dim=1)  # fmt: skip
+    leaks = {}
+    for mode in ("penalty", "exact"):
+        up = alphaedit_update(
+            _problem(r, k, c0, previous=previous, nullspace_threshold=1e-3, alphaedit_l2=1.0, alphaedit_previous=mode)
+        )
+        delta = up.a @ up.b.T
+        assert delta.norm() > 0.05 * r.norm() / k.norm()  # both still edit
+        assert (delta @ basis[:, :5]).abs().max() < 1e-8  # and both leave C0's span alone
+        leaks[mode] = float((delta @ previous).norm() / (delta @ k).norm())
+        dims = up.info["nullspace_dim"]
+    assert leaks["penalty"] > 1e-2
+    assert leaks["exact"] < 1e-10
+    assert dims == 2  # 4 null dimensions less the 2 earlier keys'
+
+
+def test_alphaedit_exact_mode_with_a_full_null_space_is_an_error():
+    r, k, _ = _random_problem(n=1)
+    _, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])
+    previous = torch.randn(9, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.raises(DegenerateNullSpaceError, match=r"earlier keys fill the whole null space"):
+        alphaedit_update(_problem(r, k, c0, previous=previous, nullspace_threshold=1e-3, alphaedit_previous="exact"))
+
+
 def test_alphaedit_threshold_is_relative_to_the_keys_scale():
     r, k, _ = _random_problem(n=2)
     for scale in (1e-4, 1.0, 1e4):  # the same keys in other units: the same null space

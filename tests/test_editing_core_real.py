@@ -112,17 +112,18 @@ def test_prefix_cached_replay_matches_the_full_forward(request, which):
     assert torch.equal(replayed.argmax(-1), full.argmax(-1))
 
 
-# Measured leak of the second batch's update onto the first batch's keys, ‖ΔW₂K₁‖/‖WK₁‖: SmolLM2 < 1e-3;
-# Gemma 3 up to 2.2e-3 (layer 5; α 0.1 or 1 alike, the two batches' projected keys are close), so its bound is
-# looser until AlphaEdit's preservation term is strengthened.
-LEAK_BOUND = {"smollm2": 1e-3, "gemma3": 5e-3}
+# ‖ΔW₂K₁‖/‖WK₁‖ with the published penalty, measured: SmolLM2 < 1e-3; Gemma 3 2.2e-3 at threshold 1e-3, α 0.1 and
+# 8.5e-3 at its tuned threshold 1e-2, α 1 (the two batches' projected keys are close), so the Gemma 3 file uses
+# alphaedit_previous "exact", which removes the earlier keys from the null space.
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which, wikitext, counterfact):
     """AlphaEdit with the shipped hparams on both real models: each batch's edit wins, the update is non-zero,
-    and the second batch's update leaves the first batch's keys nearly alone (‖ΔW₂ K₁‖ ≤ bound · ‖W K₁‖)."""
+    and the second batch's update leaves the first batch's keys alone, ‖ΔW₂ K₁‖ ≤ 1e-3 · ‖W K₁‖, with the shipped
+    mode and with the exact mode (same v* targets)."""
     from fastedit.arch import mlp_out_matrix
+    from fastedit.editing.engine import compute_edit, compute_targets
     from fastedit.stats import ensure_stats
 
     model, tok = request.getfixturevalue(which)
@@ -133,12 +134,19 @@ def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which, wikitex
     with restored_after(model, spec, hp.layers):
         one = apply_edit(model, tok, first, method="alphaedit", hparams=hp, stats=stats)
         weights = {layer: mlp_out_matrix(model, spec, layer).detach().clone() for layer in hp.layers}
-        two = apply_edit(model, tok, second, method="alphaedit", hparams=hp, stats=stats, previous_keys=one.keys)
-        for layer, (a, b) in two.deltas.items():
-            k_prev = one.keys[layer].T.float()  # (d_k, 2)
-            assert float((a @ b.T).norm()) > 0 and float((one.deltas[layer][0] @ one.deltas[layer][1].T).norm()) > 0
-            moved = (a @ (b.T @ k_prev)).norm()
-            assert moved <= LEAK_BOUND[which] * (weights[layer] @ k_prev).norm(), (layer, float(moved))
+        targets = compute_targets(model, tok, second, method="alphaedit", hparams=hp)
+        modes = [m for m in ("exact",) if m != hp.alphaedit_previous] + [hp.alphaedit_previous]
+        for mode in modes:  # the shipped mode's edit stays applied for the checks below
+            run = apply_edit if mode == hp.alphaedit_previous else compute_edit
+            two = run(
+                model, tok, second, method="alphaedit", hparams=hp.replace(alphaedit_previous=mode), stats=stats,
+                previous_keys=one.keys, values=targets,
+            )  # fmt: skip
+            for layer, (a, b) in two.deltas.items():
+                k_prev = one.keys[layer].T.float()  # (d_k, 2)
+                assert float((a @ b.T).norm()) > 0 and float((one.deltas[layer][0] @ one.deltas[layer][1].T).norm())
+                moved = (a @ (b.T @ k_prev)).norm()
+                assert moved <= 1e-3 * (weights[layer] @ k_prev).norm(), (mode, layer, float(moved))
         for req in first + second:
             new = _nll(model, tok, req.rewrite_prompt(), req.target_new)
             true = _nll(model, tok, req.rewrite_prompt(), req.target_true)

@@ -132,7 +132,7 @@ def test_fluency_generation_is_seeded():
 
 @pytest.mark.real
 def test_unedited_smollm2_counterfact_metrics(smollm2, counterfact):
-    """The unedited model on the first 30 flat CounterFact cases: NS ~67 (issue 4 reports 67), ES low."""
+    """The unedited model on the first 30 flat CounterFact cases: NS ~67, ES low."""
 
     from fastedit.requests import load_requests
 

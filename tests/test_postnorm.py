@@ -1,4 +1,4 @@
-"""Editing through Gemma's post-MLP norm: the reachable-target map and the gain probe (issue 5)."""
+"""Editing through Gemma's post-MLP norm: the reachable-target map and the gain probe."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Must show (issue 3): `fastedit precompute` on SmolLM2 layers 4,8 at d_m 2 against plain forward hooks."""
+"""`fastedit precompute` on SmolLM2 layers 4,8 at d_m 2 against plain forward hooks."""
 
 from __future__ import annotations
 

@@ -210,6 +210,9 @@ def test_editor_rows_are_scored_on_held_out_paraphrases(tmp_path, monkeypatch, c
     assert row["forget_acc"] == pytest.approx(on_paraphrase)
     assert row["forget_acc_installed"] == pytest.approx(on_installed)
     assert row["score"] in (0.0, pytest.approx(1 - on_paraphrase))
+    # the row records the resolved hparams it edited with, and no path of this machine
+    assert row["hparams"]["file"] == "memit.json" and row["hparams"]["layers"] == [0, 1]
+    assert str(tmp_path) not in json.dumps(row)
 
 
 def test_retain_set_has_the_configured_size_spread_over_the_other_topics(counterfact):

@@ -6,13 +6,32 @@
 R (d_model, B), K (d_k, B) this batch's keys, K_p (d_k, n_p) keys of earlier batches. Multiplying the system by
 (I − P) gives α(I − P)ΔWᵀ = 0, so ΔW = ΔW P: keys in C0's span are left alone, and the K_p K_pᵀ term asks
 ΔW K_p ≈ 0, so earlier edits survive later batches. Factors: A = R, B = (P (K Kᵀ + K_p K_pᵀ) + αI)⁻¹ P K.
+
+The penalty is soft: when this batch's projected keys lie close to earlier ones, ΔW K_p keeps a part of order
+α/σ², σ the smallest singular value separating them. ``alphaedit_previous = "exact"`` instead takes
+P' = P − Q Qᵀ, Q an orthonormal basis of P K_p: then P' K_p = P K_p − P K_p = 0 (Q lies in P's range), the same
+argument gives ΔW = ΔW P', so ΔW K_p = 0 exactly, at the cost of rank(P K_p) null-space dimensions.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fastedit.editing.covariance import DegenerateNullSpaceError
 from fastedit.editing.problem import LayerProblem, LayerUpdate
+
+
+def without_previous_keys(p: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+    """P − Q Qᵀ (d_k, d_k), Q an orthonormal basis of P K_p (K_p (d_k, n_p)); rank cut relative to the largest."""
+    u, s, _ = torch.linalg.svd(p @ kp, full_matrices=False)
+    q = u[:, s > s.max() * max(kp.shape) * torch.finfo(s.dtype).eps] if s.numel() and s.max() > 0 else u[:, :0]
+    left = p - q @ q.T
+    if int(torch.trace(left).round()) == 0:
+        raise DegenerateNullSpaceError(
+            f"AlphaEdit: the {q.shape[1]} earlier keys fill the whole null space ({int(torch.trace(p).round())} "
+            'dimensions); raise nullspace_threshold or use alphaedit_previous "penalty"'
+        )
+    return left
 
 
 def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
@@ -21,7 +40,10 @@ def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
     kk = k @ k.T
     if problem.previous_keys is not None and problem.previous_keys.numel():
         kp = problem.previous_keys
-        kk = kk + kp @ kp.T
+        if hp.alphaedit_previous == "exact":
+            p = without_previous_keys(p, kp)
+        else:
+            kk = kk + kp @ kp.T
     system = p @ kk
     system.diagonal().add_(hp.alphaedit_l2)
     b = torch.linalg.solve(system, p @ k)

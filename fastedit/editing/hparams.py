@@ -19,6 +19,7 @@ from fastedit.errors import ConfigError
 METHODS = ("rome", "memit", "emmet", "alphaedit")
 V_MODES = ("reference", "fast", "batched")
 POST_NORM_MODES = ("per_layer", "project", "ignore", "output_site")
+PREVIOUS_KEYS_MODES = ("penalty", "exact")
 
 
 def _hparams_dir() -> Path:
@@ -64,6 +65,9 @@ class EditHparams:
     emmet_mu: float = 0.0  # EMMET: 0 = the exact equality-constrained solve; μ > 0 equals MEMIT at λ·μ
     nullspace_threshold: float = 1e-3  # AlphaEdit: eigenvalues of C0 below this × the largest span the null space
     alphaedit_l2: float = 10.0  # AlphaEdit: α of (...)+αI
+    # AlphaEdit with earlier batches' keys: "penalty" is the published K_p K_pᵀ term (ΔW K_p ≈ 0, tighter as α
+    # shrinks); "exact" also removes span(P K_p) from the null space, so ΔW K_p = 0 up to rounding.
+    alphaedit_previous: str = "penalty"
     # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
     # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
     # maps each layer's share to the nearest change the norm can emit; "ignore" asks W for the residual change
@@ -79,6 +83,11 @@ class EditHparams:
             raise ConfigError(f"hparams: v_mode {self.v_mode!r} is not one of {', '.join(V_MODES)}")
         if self.post_norm not in POST_NORM_MODES:
             raise ConfigError(f"hparams: post_norm {self.post_norm!r} is not one of {', '.join(POST_NORM_MODES)}")
+        if self.alphaedit_previous not in PREVIOUS_KEYS_MODES:
+            raise ConfigError(
+                f"hparams: alphaedit_previous {self.alphaedit_previous!r} is not one of "
+                + ", ".join(PREVIOUS_KEYS_MODES)
+            )
         if not self.layers:
             raise ConfigError("hparams: layers is empty; give at least one layer index")
         if list(self.layers) != sorted(set(self.layers)):

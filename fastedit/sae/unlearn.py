@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fastedit.arch import arch_for, edit_output, mlp_out_param, model_device
+from fastedit.arch import arch_for, edit_output, model_device, restored_after
 from fastedit.atomic import write_text, write_with
 from fastedit.config import config_to_dict
 from fastedit.data import resolve_data
@@ -321,20 +321,6 @@ def sae_row(
     return {"row": row, "grid": grid}
 
 
-@contextlib.contextmanager
-def _restored_weights(model: torch.nn.Module) -> Iterator[None]:
-    """Snapshot every layer's editable matrix and put it back afterwards (editors change them in place)."""
-    spec = arch_for(model)
-    params = [mlp_out_param(model, spec, i) for i in range(spec.n_layers(model.config))]
-    saved = [p.detach().clone() for p in params]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-
-
 def _shared_targets(
     model: torch.nn.Module, tok: Any, requests: Sequence[Any], hp: Any, cache: dict[str, Any]
 ) -> tuple[Any, bool]:
@@ -385,7 +371,7 @@ def edit_row(
         computed = ensure_stats(model, tok, list(hp.layers), dm=10, corpus=cfg.corpus or None)
         stats = {layer: ks.mean for layer, ks in computed.items()}  # C0 per edited layer
         values, shared = _shared_targets(model, tok, requests, hp, values_cache)
-        with _restored_weights(model):
+        with restored_after(model, arch_for(model), hp.layers):
             apply_edit(model, tok, requests, method=method, hparams=hp, stats=stats, values=values)
             retain, forget = scorer.retain(), scorer.forget()
     except Exception as exc:  # an editor failure must not sink the other rows
@@ -401,7 +387,7 @@ def edit_row(
         "retain_flipped": retain.flipped,
         "score": max(0.0, raw) if passed else 0.0,
         "seconds": round(time.perf_counter() - t0, 1),
-        "hparams": str(hp_file),
+        "hparams": {"file": Path(hp_file).name, **config_to_dict(hp)},  # resolved values, no machine path
         "note": note + ("; v* targets shared with an earlier row" if shared else ""),
     }
 
