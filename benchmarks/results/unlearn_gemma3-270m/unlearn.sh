@@ -2,10 +2,9 @@
 # The unlearning comparison on Gemma 3 270M, with the SAEs of train_saes.sh; writes unlearning.json (config, gate,
 # question split, every grid point), table.md and unlearning.png into this folder (replacing the earlier result).
 # CounterFact: the command's default data set (or add --counterfact FILE).
-# Cost: scoring 340 questions takes ~58 s of one CPU core on this model (one forward per question); a clamp that
-# passes the gate costs ~70 s (300 retain + 2 x 40 forget), one that fails stops after 1-2 batches. Expected total
-# ~40 min of one core (selection ~2.5 min, activations ~3, grids ~25, MEMIT/EMMET ~11); at most ~3.5 h if every
-# clamp of the 5 x 32-point grid passed the gate.
+# Cost, measured: 12 min 55 s wall on one thread (OMP_NUM_THREADS=1) while another one-thread job shared the
+# two cores, 3.7 GB peak: question selection 89 s, the five SAE grids 45-180 s each (a clamp that fails the gate
+# stops after 1-2 batches), MEMIT 233 s (v* of 40 requests), EMMET 62 s (same targets).
 cd "$(dirname "$0")/../../.."
 export HF_HUB_OFFLINE=1
 mkdir -p runs
