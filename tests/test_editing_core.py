@@ -329,6 +329,17 @@ def test_alphaedit_exact_mode_keeps_close_earlier_keys_where_the_penalty_leaks()
     assert dims == 2  # 4 null dimensions less the 2 earlier keys'
 
 
+def test_alphaedit_exact_mode_warns_when_a_key_repeats_an_earlier_one(caplog):
+    r, k, _ = _random_problem(n=2)
+    _, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])
+    with caplog.at_level("WARNING", logger="fastedit.editing.alphaedit"):
+        up = alphaedit_update(
+            _problem(r, k, c0, previous=k[:, :1], nullspace_threshold=1e-3, alphaedit_previous="exact")
+        )
+    assert "1 of 2 keys lie in the span of earlier batches' keys" in caplog.text
+    assert (up.a @ up.b.T @ k[:, :1]).norm() < 1e-10 * r.norm()
+
+
 def test_alphaedit_exact_mode_with_a_full_null_space_is_an_error():
     r, k, _ = _random_problem(n=1)
     _, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])

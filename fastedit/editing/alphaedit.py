@@ -15,10 +15,14 @@ argument gives ΔW = ΔW P', so ΔW K_p = 0 exactly, at the cost of rank(P K_p) 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fastedit.editing.covariance import DegenerateNullSpaceError
 from fastedit.editing.problem import LayerProblem, LayerUpdate
+
+log = logging.getLogger(__name__)
 
 
 def without_previous_keys(p: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,17 @@ def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
     if problem.previous_keys is not None and problem.previous_keys.numel():
         kp = problem.previous_keys
         if hp.alphaedit_previous == "exact":
+            kept = p @ k  # (d_k, B): what the edit could use before earlier keys are removed
             p = without_previous_keys(p, kp)
+            # A key inside span(P K_p) (e.g. a fact an earlier batch edited, edited again) cannot move under exact
+            # preservation: say so rather than return a near-zero edit silently.
+            lost = (p @ k).norm(dim=0) < 1e-2 * kept.norm(dim=0)
+            if bool(lost.any()):
+                log.warning(
+                    "AlphaEdit (alphaedit_previous exact): %d of %d keys lie in the span of earlier batches' keys "
+                    "and stay (nearly) unedited; use alphaedit_previous \"penalty\" to let them change",
+                    int(lost.sum()), int(lost.numel()),
+                )  # fmt: skip
         else:
             kk = kk + kp @ kp.T
     system = p @ kk
