@@ -42,23 +42,24 @@ def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
     k, hp = problem.keys, problem.hp
     p = problem.cov.nullspace_projector(hp.nullspace_threshold)  # (d_k, d_k), cached per C0 and threshold
     kk = k @ k.T
+    reachable = None  # (B,) ‖P k‖ before earlier keys are removed (exact mode)
     if problem.previous_keys is not None and problem.previous_keys.numel():
         kp = problem.previous_keys
         if hp.alphaedit_previous == "exact":
-            kept = p @ k  # (d_k, B): what the edit could use before earlier keys are removed
+            reachable = (p @ k).norm(dim=0)
             p = without_previous_keys(p, kp)
-            # A key inside span(P K_p) (e.g. a fact an earlier batch edited, edited again) cannot move under exact
-            # preservation: say so rather than return a near-zero edit silently.
-            lost = (p @ k).norm(dim=0) < 1e-2 * kept.norm(dim=0)
-            if bool(lost.any()):
-                log.warning(
-                    "AlphaEdit (alphaedit_previous exact): %d of %d keys lie in the span of earlier batches' keys "
-                    "and stay (nearly) unedited; use alphaedit_previous \"penalty\" to let them change",
-                    int(lost.sum()), int(lost.numel()),
-                )  # fmt: skip
         else:
             kk = kk + kp @ kp.T
+    pk = p @ k  # (d_k, B)
+    # A key inside span(P K_p) (e.g. a fact an earlier batch edited, edited again) cannot move under exact
+    # preservation: say so rather than return a near-zero edit silently.
+    if reachable is not None and bool((lost := pk.norm(dim=0) < 1e-2 * reachable).any()):
+        log.warning(
+            "AlphaEdit (alphaedit_previous exact): %d of %d keys lie in the span of earlier batches' keys "
+            "and stay (nearly) unedited; use alphaedit_previous \"penalty\" to let them change",
+            int(lost.sum()), int(lost.numel()),
+        )  # fmt: skip
     system = p @ kk
     system.diagonal().add_(hp.alphaedit_l2)
-    b = torch.linalg.solve(system, p @ k)
+    b = torch.linalg.solve(system, pk)
     return LayerUpdate(problem.residual, b, {"nullspace_dim": int(torch.trace(p).round())})
