@@ -22,7 +22,7 @@ from fastedit.stats import (
     run_stats,
 )
 from fastedit.stats import precompute as precompute_mod
-from fastedit.stats.accumulate import SecondMoment
+from fastedit.stats.accumulate import SecondMoment, add_gram
 from fastedit.stats.corpus import resolve_corpus
 from fastedit.stats.tokens import make_batches, plan_rows
 
@@ -80,6 +80,20 @@ def test_float32_batch_products_agree_with_float64_accumulation():
     assert rel(exact.sum, reference) < 1e-12
     assert rel(fast.sum, reference) < 1e-6
     assert not torch.equal(fast.sum, exact.sum)  # the products really were formed in float32
+
+
+@pytest.mark.parametrize("block", [7, 20, 64])
+def test_upper_triangle_blocks_give_the_full_gram_matrix(block):
+    """Blocks that do not divide d (7), one block (20) and a block wider than d: kᵀk accumulated over batches
+    from the upper blocks equals the full product, and each lower block is its upper mirror exactly."""
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(300, 20, generator=gen, dtype=torch.float64)
+    total = torch.zeros(20, 20, dtype=torch.float64)
+    for batch in keys.split(128):
+        add_gram(total, batch, block=block)
+    assert rel(total, keys.T @ keys) < 1e-14
+    assert torch.equal(total[block:, :block], total[:block, block:].T)
+    assert rel(total, total.T) < 1e-15
 
 
 def test_rows_start_with_prefix_and_batches_mask_padding():
