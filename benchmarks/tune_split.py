@@ -115,7 +115,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="METHOD.KEY=V1,V2",
-        help="Replace one grid axis, e.g. memit.mom2_update_weight=1,2,4 (MEMIT's λ axis is in factors).",
+        help="Replace (or add) one grid axis, e.g. memit.mom2_update_weight=1,2,4 (MEMIT's λ axis is in factors) "
+        "or memit.template_neighbours_weight=0,0.01.",
     )
     parser.add_argument(
         "--set",
@@ -142,8 +143,8 @@ def main() -> None:
     for spec in args.grid:
         key, _, vals = spec.partition("=")
         method, _, axis = key.partition(".")
-        if method not in GRIDS or axis not in GRIDS[method] or not vals:
-            parser.error(f"--grid {spec!r}: expected METHOD.KEY=V1,V2 with an axis of {GRIDS}")
+        if method not in GRIDS or axis not in {f.name for f in dataclasses.fields(EditHparams)} or not vals:
+            parser.error(f"--grid {spec!r}: expected METHOD.KEY=V1,V2, METHOD one of {list(GRIDS)}, KEY an hparam")
         GRIDS[method][axis] = [float(v) for v in vals.split(",")]
     overrides: dict[str, Any] = {}
     for item in args.overrides:  # checked here, before the model loads

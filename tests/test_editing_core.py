@@ -24,6 +24,7 @@ from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
+from fastedit.editing.template_neighbours import template_neighbour_keys, template_neighbour_requests
 from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, values_key
 from fastedit.errors import ConfigError
 from fastedit.requests import EditRequest
@@ -225,10 +226,10 @@ def _random_problem(d=6, d_k=9, n=3, seed=0):
     return r, k, x @ x.T / 50
 
 
-def _problem(r, k, c0, lam=5.0, rel_eps=0.0, previous=None, bare=None, **hp):
+def _problem(r, k, c0, lam=5.0, rel_eps=0.0, previous=None, bare=None, template=None, **hp):
     hparams = EditHparams(method="memit", layers=(0,), clamp_norm_factor=1, v_weight_decay=0, **hp)
     cov = EditCovariance(c0, lam=lam, rel_eps=rel_eps, device="cpu")
-    return LayerProblem(r, k, cov, hparams, previous_keys=previous, bare_keys=bare)
+    return LayerProblem(r, k, cov, hparams, previous_keys=previous, bare_keys=bare, template_keys=template)
 
 
 def test_rome_writes_the_residual_exactly():
@@ -284,6 +285,43 @@ def test_emmet_with_coinciding_keys_solves_what_it_can():
     up = emmet_update(_problem(r, k, c0))
     assert torch.isfinite(up.b).all() and up.info["dropped_constraints"] == 1
     assert torch.allclose((up.a @ up.b.T) @ k[:, :1], r[:, :1], atol=1e-8)
+
+
+@pytest.mark.parametrize("rule", [memit_update, emmet_update, alphaedit_update])
+def test_template_neighbour_keys_are_preserved_by_every_rule(rule):
+    """w·K_t K_tᵀ in what the update preserves: a large w drives ΔW K_t towards 0, w = 0 leaves the update as it
+    was, and EMMET still meets its constraints."""
+    r, k, _ = _random_problem(n=2)
+    _, c0 = _low_rank_c0([5.0, 3, 2, 1, 0.5, 0, 0, 0, 0])  # AlphaEdit needs a null space
+    kt = torch.randn(9, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # 2 + 2 ≤ 4 null dims
+    settings = {"rel_eps": 1e-3, "nullspace_threshold": 1e-3, "alphaedit_l2": 1e-5}  # ε: C0 here has rank 5
+    off = rule(_problem(r, k, c0, template=kt, **settings))
+    unweighted = rule(_problem(r, k, c0, **settings))
+    strong = rule(_problem(r, k, c0, template=kt, template_neighbours_weight=1e4, **settings))
+    moved = lambda up: float(((up.a @ up.b.T) @ kt).norm())  # noqa: E731
+    assert torch.allclose(off.a @ off.b.T, unweighted.a @ unweighted.b.T)
+    assert moved(strong) < 1e-2 * moved(off)
+    assert float(((strong.a @ strong.b.T) @ k - r).norm() / r.norm()) < (1e-8 if rule is emmet_update else 0.5)
+
+
+def test_template_neighbours_fill_each_template_with_other_subjects_only():
+    reqs = [
+        EditRequest("a", "The currency of {} is", "Japan", "dollar"),
+        EditRequest("b", "The currency of {} is", "France", "dollar"),
+        EditRequest("c", "The capital of {} is", "Peru", "Rome"),
+    ]
+    pairs = [(n.prompt, n.subject) for n in template_neighbour_requests(reqs, 5)]
+    # Edited pairs (currency of Japan/France) are never neighbours; each pair once.
+    assert sorted(pairs) == [
+        ("The capital of {} is", "France"),
+        ("The capital of {} is", "Japan"),
+        ("The currency of {} is", "Peru"),
+    ]
+    assert [(n.prompt, n.subject) for n in template_neighbour_requests(reqs, 1)] == [
+        (n.prompt, n.subject) for n in template_neighbour_requests(reqs, 1)
+    ]  # seeded
+    assert len(template_neighbour_requests(reqs, 1)) == 2  # the second currency request has nobody left
+    assert template_neighbour_requests(reqs[:1], 3) == []
 
 
 def _low_rank_c0(spectrum):
@@ -610,6 +648,24 @@ def test_emmet_with_a_rank_deficient_c0_meets_its_constraints(tok):
     for layer in hp.layers:
         assert result.info["layers"][str(layer)]["constraint_residual"] < 1e-4
         assert torch.isfinite(mlp_out_matrix(model, spec, layer)).all()
+
+
+def test_template_neighbours_keep_the_other_subjects_keys_in_an_edit(tok):
+    """The engine reads K_t before editing and hands it to the rule: with a large weight, the edited layer's
+    change at the neighbour prompts' keys shrinks, and the run records how many neighbours it preserved."""
+    model = peaked(tiny_model("llama"))
+    hp = hp_for("memit", layers=(1,), template_neighbours=1)
+    stats = key_stats(model, tok, hp.layers)
+    kt = template_neighbour_keys(model, tok, arch_for(model), REQUESTS, hp.layers, 1)[1]  # (2, d_k)
+    moved = {}
+    for weight in (0.0, 1e3):
+        result = compute_edit(
+            model, tok, REQUESTS, method="memit", hparams=hp.replace(template_neighbours_weight=weight), stats=stats
+        )
+        a, b = result.deltas[1]
+        moved[weight] = float((kt @ b @ a.T).norm())
+        assert result.info["template_neighbours"] == (2 if weight else 0)
+    assert moved[1e3] < 0.1 * moved[0.0]
 
 
 def test_alphaedit_edits_and_keeps_earlier_batches(tok):

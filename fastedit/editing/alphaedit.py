@@ -3,7 +3,8 @@
     P = U₀ U₀ᵀ, U₀ = eigenvectors of C0 with eigenvalue < threshold · λ_max (directions generic keys do not use)
     ΔWᵀ = (P (K Kᵀ + K_p K_pᵀ) + αI)⁻¹ P K Rᵀ
 
-R (d_model, B), K (d_k, B) this batch's keys, K_p (d_k, n_p) keys of earlier batches. Multiplying the system by
+R (d_model, B), K (d_k, B) this batch's keys, K_p (d_k, n_p) keys of earlier batches (with template-neighbour
+keys, w·K_t K_tᵀ joins K_p K_pᵀ as a penalty: their projected part is kept small too). Multiplying the system by
 (I − P) gives α(I − P)ΔWᵀ = 0, so ΔW = ΔW P: keys in C0's span are left alone, and the K_p K_pᵀ term asks
 ΔW K_p ≈ 0, so earlier edits survive later batches. Factors: A = R, B = (P (K Kᵀ + K_p K_pᵀ) + αI)⁻¹ P K.
 
@@ -50,6 +51,9 @@ def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
             p = without_previous_keys(p, kp)
         else:
             kk = kk + kp @ kp.T
+    kt = problem.template_keys
+    if kt is not None and kt.numel() and hp.template_neighbours_weight > 0:
+        kk = torch.addmm(kk, kt, kt.T, alpha=hp.template_neighbours_weight)
     pk = p @ k  # (d_k, B)
     # A key inside span(P K_p) (e.g. a fact an earlier batch edited, edited again) cannot move under exact
     # preservation: say so rather than return a near-zero edit silently.

@@ -1,6 +1,7 @@
 """EMMET: memorise every edit as an equality constraint, preserve C0's keys in least squares.
 
     min_Δ tr(Δ C Δᵀ)  s.t.  (W + Δ) K_E = V_E     ⇒     Δ = R (K_Eᵀ C⁻¹ K_E)⁻¹ K_Eᵀ C⁻¹,   C = λC0 + εI
+                                                                          (+ w·K_t K_tᵀ, `LayerProblem.preserved`)
 
 R (d_model, B), K_E (d_k, B), B ≤ d_k. The B constraints hold exactly: ΔW K_E = R (the residual
 ‖ΔW K_E − R‖/‖R‖ is reported). Solved stably: with C = L Lᵀ and X = L⁻¹ K_E = Q T (thin QR),
@@ -35,7 +36,10 @@ def emmet_update(problem: LayerProblem) -> LayerUpdate:
     if mu > 0:
         lam = problem.cov.lam * mu
         log.warning("emmet_mu %g > 0 is MEMIT at λ·μ = %g, not EMMET's equality-constrained update", mu, lam)
-        update = memit_update(replace(problem, cov=problem.cov.rescaled(lam)))
+        w = problem.hp.template_neighbours_weight * mu  # every term of C scales by μ
+        update = memit_update(
+            replace(problem, cov=problem.cov.rescaled(lam), hp=problem.hp.replace(template_neighbours_weight=w))
+        )
         update.info["equivalent_memit_lambda"] = problem.cov.lam * mu
     else:
         if n > d_k:
@@ -43,7 +47,7 @@ def emmet_update(problem: LayerProblem) -> LayerUpdate:
                 f"EMMET needs at most d_k = {d_k} requests per batch for its equality constraints, got {n}; "
                 "lower --batch-size"
             )
-        chol = torch.linalg.cholesky(problem.cov.matrix)  # C = L Lᵀ
+        chol = torch.linalg.cholesky(problem.preserved())  # C = L Lᵀ
         x = torch.linalg.solve_triangular(chol, k, upper=False)  # L⁻¹ K (d_k, B)
         q, t = torch.linalg.qr(x)  # (d_k, B), (B, B) upper triangular
         u, s, vh = torch.linalg.svd(t)

@@ -41,6 +41,7 @@ from fastedit.editing.postnorm import mlp_outputs, post_norm_gain, pre_norm_targ
 from fastedit.editing.problem import LayerProblem, LayerUpdate
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import check_template
+from fastedit.editing.template_neighbours import template_neighbour_keys
 from fastedit.editing.values import (
     ValueResult,
     compute_values,
@@ -163,10 +164,11 @@ def _problem(
     keys: torch.Tensor,
     previous_keys: torch.Tensor | None = None,
     bare_keys: torch.Tensor | None = None,
+    template_keys: torch.Tensor | None = None,
 ) -> LayerProblem:
     """Rows (B, width) from the model → columns on the covariance's device and dtype."""
     col = lambda x: None if x is None else x.T.to(device=cov.c0.device, dtype=cov.dtype)  # noqa: E731
-    return LayerProblem(col(residual), col(keys), cov, hp, col(previous_keys), col(bare_keys))
+    return LayerProblem(col(residual), col(keys), cov, hp, col(previous_keys), col(bare_keys), col(template_keys))
 
 
 def _apply(model: torch.nn.Module, layer: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,12 +323,18 @@ def _spread(
     info["seconds_values"] = time.perf_counter() - t0
     deltas, keys_out = {}, {}
     t1 = time.perf_counter()
+    neighbours: dict[int, torch.Tensor] = {}
+    if hp.template_neighbours > 0 and hp.template_neighbours_weight > 0:  # before any layer is edited, like C0
+        spec = arch_for(model)
+        neighbours = template_neighbour_keys(model, tokenizer, spec, requests, hp.layers, hp.template_neighbours)
+    info["template_neighbours"] = len(next(iter(neighbours.values()))) if neighbours else 0
     for i, layer in enumerate(hp.layers):
         layer_info = info["layers"].setdefault(str(layer), {})
         keys, residual = _layer_residual(model, tokenizer, requests, hp, values, contexts, i, layer_info)
         prev = previous_keys.get(layer) if previous_keys else None
+        problem = _problem(covs[layer], hp, residual, keys, previous_keys=prev, template_keys=neighbours.get(layer))
         try:
-            update = solve_layer(method, _problem(covs[layer], hp, residual, keys, previous_keys=prev))
+            update = solve_layer(method, problem)
         except EditFailedError as exc:
             raise EditFailedError(f"layer {layer}: {exc}") from None
         deltas[layer] = _apply(model, layer, update.a, update.b)

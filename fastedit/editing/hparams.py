@@ -68,6 +68,11 @@ class EditHparams:
     # AlphaEdit with earlier batches' keys: "penalty" is the published K_p K_pᵀ term (ΔW K_p ≈ 0, tighter as α
     # shrinks); "exact" also removes span(P K_p) from the null space, so ΔW K_p = 0 up to rounding.
     alphaedit_previous: str = "penalty"
+    # MEMIT/EMMET/AlphaEdit: each request's prompt template filled with this many other subjects of the batch
+    # (bare prompts, unedited model); their keys K_t join what the update preserves, C = λC0 + εI + w·K_t K_tᵀ
+    # with w = template_neighbours_weight (template_neighbours.py). 0 = off. ROME (one request at a time) ignores it.
+    template_neighbours: int = 0
+    template_neighbours_weight: float = 0.0
     # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
     # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
     # maps each layer's share to the nearest change the norm can emit; "ignore" asks W for the residual change
@@ -100,6 +105,8 @@ class EditHparams:
             raise ConfigError("hparams: mom2_update_weight (λ) must be positive")
         if not self.rel_eps >= 0 or not self.emmet_mu >= 0 or not self.alphaedit_l2 >= 0:
             raise ConfigError("hparams: rel_eps, emmet_mu and alphaedit_l2 must be non-negative")
+        if self.template_neighbours < 0 or not self.template_neighbours_weight >= 0:
+            raise ConfigError("hparams: template_neighbours and template_neighbours_weight must be non-negative")
         if not 0 < self.nullspace_threshold < 1:
             raise ConfigError(
                 f"hparams: nullspace_threshold {self.nullspace_threshold} is relative to C0's largest eigenvalue; "

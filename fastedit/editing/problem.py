@@ -24,6 +24,15 @@ class LayerProblem:
     hp: EditHparams
     previous_keys: torch.Tensor | None = None  # K_p (d_k, n_p): keys of earlier batches (AlphaEdit)
     bare_keys: torch.Tensor | None = None  # (d_k, B): keys at the bare prompt (ROME's denominator)
+    template_keys: torch.Tensor | None = None  # K_t (d_k, n_t): other subjects in this batch's templates
+
+    def preserved(self) -> torch.Tensor:
+        """C = λC0 + εI + w·K_t K_tᵀ (d_k, d_k): what the update must leave alone, weighted as in the closed forms.
+        w = ``hp.template_neighbours_weight``; without template keys this is the covariance's own matrix."""
+        kt, w = self.template_keys, self.hp.template_neighbours_weight
+        if kt is None or kt.numel() == 0 or w == 0:
+            return self.cov.matrix
+        return torch.addmm(self.cov.matrix, kt, kt.T, alpha=w)
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Template neighbours: each request's prompt template filled with other subjects of the same batch.
+
+A MEMIT-family update is asked to change W k for the edited keys and to leave C0's keys alone, C0 coming from
+generic text. Keys of one relation's prompts ("The currency of {}") share a component that generic text hardly
+covers, so an edit of that relation also moves the same prompt about other subjects — most visibly when several
+edits of one relation share a new object (four currencies to "dollar" turn the unedited countries' currency too).
+Filling each template with other subjects of the batch gives keys K_t of exactly that kind; the rules preserve
+them with weight w (C = λC0 + εI + w·K_t K_tᵀ, `LayerProblem.preserved`).
+
+K_t is read at the subject's last token of the bare prompts, on the model before this batch's edit (as C0 is),
+all edited layers in one forward. A pair (template, subject) that is itself edited in the batch is never a
+neighbour. The choice of subjects is seeded, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastedit.arch import ArchSpec
+from fastedit.editing.keys import read_at_subject
+from fastedit.requests import EditRequest
+
+SEED = 0
+
+
+def template_neighbour_requests(requests: Sequence[EditRequest], per_request: int) -> list[EditRequest]:
+    """Up to ``per_request`` prompts per request: its template with other subjects of ``requests`` (seeded draw),
+    never a (template, subject) pair the batch edits, each pair at most once."""
+    rng = random.Random(SEED)
+    subjects = list(dict.fromkeys(r.subject for r in requests))
+    taken = {(r.prompt, r.subject) for r in requests}
+    out: list[EditRequest] = []
+    for req in requests:
+        others = [s for s in subjects if (req.prompt, s) not in taken]
+        for subject in rng.sample(others, min(per_request, len(others))):
+            taken.add((req.prompt, subject))
+            case = f"{req.case_id}/neighbour"
+            out.append(EditRequest(case_id=case, prompt=req.prompt, subject=subject, target_new=""))
+    return out
+
+
+def template_neighbour_keys(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    per_request: int,
+) -> dict[int, torch.Tensor]:
+    """layer -> K_t (n_t, d_k): keys of the template-neighbour prompts at every layer, one forward for all."""
+    neighbours = template_neighbour_requests(requests, per_request)
+    if not neighbours:
+        return {}
+    names = {layer: spec.path("mlp_out", layer) for layer in layers}
+    read = read_at_subject(
+        model, tokenizer, spec, neighbours, ["{}"], stop_layer=max(layers), inputs_of=list(names.values())
+    )
+    return {layer: read[f"in:{name}"][:, 0] for layer, name in names.items()}
