@@ -51,9 +51,8 @@ def alphaedit_update(problem: LayerProblem) -> LayerUpdate:
             p = without_previous_keys(p, kp)
         else:
             kk = kk + kp @ kp.T
-    kt = problem.template_keys
-    if kt is not None and kt.numel() and hp.template_neighbours_weight > 0:
-        kk = torch.addmm(kk, kt, kt.T, alpha=hp.template_neighbours_weight)
+    if (term := problem.template_term()) is not None:
+        kk = kk + term
     pk = p @ k  # (d_k, B)
     # A key inside span(P K_p) (e.g. a fact an earlier batch edited, edited again) cannot move under exact
     # preservation: say so rather than return a near-zero edit silently.

@@ -26,13 +26,18 @@ class LayerProblem:
     bare_keys: torch.Tensor | None = None  # (d_k, B): keys at the bare prompt (ROME's denominator)
     template_keys: torch.Tensor | None = None  # K_t (d_k, n_t): other subjects in this batch's templates
 
-    def preserved(self) -> torch.Tensor:
-        """C = λC0 + εI + w·K_t K_tᵀ (d_k, d_k): what the update must leave alone, weighted as in the closed forms.
-        w = ``hp.template_neighbours_weight``; without template keys this is the covariance's own matrix."""
+    def template_term(self) -> torch.Tensor | None:
+        """w·K_t K_tᵀ (d_k, d_k) with w = ``hp.template_neighbours_weight``, or None without template keys."""
         kt, w = self.template_keys, self.hp.template_neighbours_weight
         if kt is None or kt.numel() == 0 or w == 0:
-            return self.cov.matrix
-        return torch.addmm(self.cov.matrix, kt, kt.T, alpha=w)
+            return None
+        return w * (kt @ kt.T)
+
+    def preserved(self) -> torch.Tensor:
+        """C = λC0 + εI + w·K_t K_tᵀ (d_k, d_k): what the update must leave alone, weighted as in the closed forms;
+        without template keys this is the covariance's own matrix."""
+        term = self.template_term()
+        return self.cov.matrix if term is None else self.cov.matrix + term
 
 
 @dataclass
