@@ -113,7 +113,7 @@ def test_prefix_cached_replay_matches_the_full_forward(request, which):
 
 
 # ‖ΔW₂K₁‖/‖WK₁‖ with the published penalty, measured: SmolLM2 < 1e-3; Gemma 3 2.2e-3 at threshold 1e-3, α 0.1 and
-# 8.5e-3 at its tuned threshold 1e-2, α 1 (the two batches' projected keys are close), so the Gemma 3 file uses
+# 8.5e-3 at threshold 1e-2, α 1 (the two batches' projected keys are close), so the Gemma 3 file uses
 # alphaedit_previous "exact", which removes the earlier keys from the null space.
 
 

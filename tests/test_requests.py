@@ -87,6 +87,30 @@ def test_project_request_file_parses():
     assert all(r.target_true and r.paraphrases and r.neighborhood_answers for r in parsed.requests)
 
 
+@pytest.mark.parametrize("name", ["well-known-facts", "well-known-facts-tune"])
+def test_well_known_facts_can_score_every_neighbour(name):
+    """Each case has paraphrases and answered neighbours; no neighbour is rewritten by the same set (NS could not
+    keep it) and none answers the case's new object (new and true would tie, and a tie never counts as kept)."""
+    requests = load_requests(f"data/{name}.json").requests
+    edited = {r.rewrite_prompt() for r in requests}
+    for r in requests:
+        assert r.target_true and r.target_true != r.target_new and len(r.paraphrases) >= 2, r.case_id
+        assert len(r.neighborhood_answers) == len(r.neighborhood_prompts) >= 2, r.case_id
+        assert not edited & set(r.neighborhood_prompts), r.case_id
+        assert r.target_new not in r.neighborhood_answers, r.case_id
+
+
+def test_tune_facts_share_no_prompt_with_report_facts():
+    """The facts hparams are tuned on and the facts they are reported on are separate: no rewrite or neighbour
+    prompt of one set appears in the other."""
+
+    def prompts(name: str) -> set[str]:
+        requests = load_requests(f"data/{name}.json").requests
+        return {r.rewrite_prompt() for r in requests} | {p for r in requests for p in r.neighborhood_prompts}
+
+    assert not prompts("well-known-facts-tune") & prompts("well-known-facts")
+
+
 @pytest.mark.parametrize(
     ("record", "layout"),
     [
