@@ -318,14 +318,14 @@ def _spread(
     if values is None:
         values = compute_targets(model, tokenizer, requests, method=method, hparams=hp)
     contexts = values.contexts or _contexts(model, tokenizer, hp)
-    info = _base_info(method, hp, contexts, edit_site(arch_for(model), hp))
+    spec = arch_for(model)
+    info = _base_info(method, hp, contexts, edit_site(spec, hp))
     info["requests"] = values.info
     info["seconds_values"] = time.perf_counter() - t0
     deltas, keys_out = {}, {}
     t1 = time.perf_counter()
     neighbours: dict[int, torch.Tensor] = {}
     if hp.template_neighbours > 0 and hp.template_neighbours_weight > 0:  # before any layer is edited, like C0
-        spec = arch_for(model)
         neighbours = template_neighbour_keys(model, tokenizer, spec, requests, hp.layers, hp.template_neighbours)
     info["template_neighbours"] = len(next(iter(neighbours.values()))) if neighbours else 0
     for i, layer in enumerate(hp.layers):
