@@ -24,6 +24,8 @@ from typing import Any
 
 from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
 
+from fastedit.config import config_to_dict
+from fastedit.editing.hparams import load_hparams
 from fastedit.editing.run import EditRunOptions, run_edit
 
 METRICS = ("es", "ps", "ns", "score")
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_scaling_<model>.json)")
     args = ap.parse_args()
     ns = sorted(int(x) for x in args.ns.split(","))
+    load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
     out = Path(args.out) if args.out else RESULTS / f"edit_scaling_{Path(args.model).name}.json"
 
     rows = []
@@ -119,6 +122,8 @@ def main() -> None:
             "requests": data_id(args.requests),
             "dm": args.dm,
             "corpus": data_id(args.corpus),
+            "hparams_file": Path(args.hparams).name if args.hparams else "the model's file",
+            "hparams": config_to_dict(load_hparams(args.method, args.model, args.hparams)),
         },
         "runs": rows,
     }

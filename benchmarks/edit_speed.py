@@ -15,10 +15,16 @@ of --threads threads: on a 2-core machine, --threads 2 compares 2 processes × 1
 threads. Its v* seconds run from the moment every worker has loaded
 the model to the gathered targets; keys, solves and evaluation run in this process as for the other modes.
 
+"lite" and "lite_workersN" are "batched" and "workersN" with the v* settings of another hparams file (--lite,
+e.g. hparams/memit/smollm2-135m-lite.json: fewer context prefixes, a larger step); everything else (layers, λ,
+the closed form) must equal the base file's, so the row measures the cheaper v* alone.
+
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m              # 100 edits, reference vs fast
     .venv/bin/python benchmarks/edit_speed.py --model gemma3-270m --modes fast,batched
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --modes batched,workers2 --threads 2
     .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --n 2 --threads 1
+    .venv/bin/python benchmarks/edit_speed.py --model smollm2-135m --modes batched,workers2,lite,lite_workers2 \
+        --lite hparams/memit/smollm2-135m-lite.json --threads 2
 
 Writes benchmarks/results/edit_speed_<model>.json and .png (or --out PATH.json).
 """
@@ -40,22 +46,30 @@ from fastedit.editing import values as values_module
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
-from fastedit.editing.hparams import V_MODES, load_hparams
+from fastedit.editing.hparams import V_MODES, is_v_star_setting, load_hparams
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
 from fastedit.requests import load_requests
 from fastedit.stats import ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")
-WORKERS = re.compile(r"workers(\d+)$")  # "workers2": batched v* in 2 processes
+
+
+def lite_may_change(name: str) -> bool:
+    """Settings a lite hparams file may change: the v* ones (and the free-text notes)."""
+    return is_v_star_setting(name) or name in ("notes", "extra")
+
+
+WORKERS = re.compile(r"(?:lite_)?workers(\d+)$")  # "workers2": batched v* in 2 processes
+LITE = "lite"  # modes starting with it take their v* settings from the --lite hparams file
 
 
 ALL_ROWS = "batched_allrows"  # batched, converged requests' rows kept in the forward (the behaviour before)
 
 
 def check_modes(modes: list[str]) -> list[str]:
-    """The unknown names among ``modes`` (v* modes, batched_allrows, or workersN with N >= 2)."""
-    known = (*V_MODES, ALL_ROWS)
+    """The unknown names among ``modes`` (v* modes, batched_allrows, lite, or [lite_]workersN with N >= 2)."""
+    known = (*V_MODES, ALL_ROWS, LITE)
     return [m for m in modes if m not in known and not (WORKERS.match(m) and int(WORKERS.match(m)[1]) >= 2)]
 
 
@@ -117,6 +131,7 @@ def main() -> None:
     ap.add_argument("--modes", default="fast", help="comma-separated v* modes (or workersN) compared with 'reference'")
     ap.add_argument("--dm", default="10", help="d_m of the covariance (cached after the first run)")
     ap.add_argument("--corpus", default=None, help="stats corpus (default: the wikitext-2 data set)")
+    ap.add_argument("--lite", default=None, help="hparams file of the lite modes (only v* settings differ)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_speed_<model>.json)")
@@ -126,7 +141,9 @@ def main() -> None:
     modes = ["reference", *[m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "reference"]]
     bad = check_modes(modes)
     if bad:
-        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}, {ALL_ROWS} or workersN (N >= 2)")
+        ap.error(f"unknown v* modes {bad}; choose from {', '.join(V_MODES)}, {ALL_ROWS}, {LITE} or [lite_]workersN")
+    if any(m.startswith(LITE) for m in modes) and not args.lite:
+        ap.error("the lite modes need --lite HPARAMS_FILE (the cheaper v* settings)")
     corpus = args.corpus or WIKITEXT
     dm: float | str = args.dm if args.dm == "full" else float(args.dm)
     out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
@@ -135,13 +152,21 @@ def main() -> None:
     spec = arch_for(model)
     requests = load_requests(args.requests, n=args.n).requests
     base = load_hparams(args.method, model, args.hparams)
+    lite = load_hparams(args.method, model, args.lite) if args.lite else None
+    if lite is not None:
+        other = [k for k, v in config_to_dict(lite).items() if v != config_to_dict(base)[k] and not lite_may_change(k)]
+        if other:
+            ap.error(f"--lite {args.lite} differs from the base hparams outside the v* settings: {other}")
     layers = list(base.layers)
     stats = ensure_stats(model, tok, layers, dm=dm, corpus=corpus, progress=False)
     covs = {layer: stats[layer].mean for layer in layers}
     site = edit_site(spec, base)
-    contexts = context_templates(
-        model, tok, seeds=base.context_seeds, length=base.context_length, seed=base.context_seed
-    )
+    # Generated once per setting beforehand, so no mode pays for them.
+    contexts = {
+        id(hp): context_templates(model, tok, seeds=hp.context_seeds, length=hp.context_length, seed=hp.context_seed)
+        for hp in (base, lite)
+        if hp is not None
+    }
     snapshot = snapshot_mlp_out(model, spec, layers)
     print(f"{args.model}: {len(requests)} requests, {args.method} layers {layers}, modes {modes}", flush=True)
 
@@ -154,18 +179,21 @@ def main() -> None:
     rebuild_below = values_module.REBUILD_BELOW
     for mode in modes:
         workers = int(WORKERS.match(mode)[1]) if WORKERS.match(mode) else 1
-        hp = base.replace(v_mode="batched" if workers > 1 or mode == ALL_ROWS else mode)
+        file_hp = lite if mode.startswith(LITE) else base
+        assert file_hp is not None
+        hp = file_hp.replace(v_mode="batched" if workers > 1 or mode in (ALL_ROWS, LITE) else mode)
+        mode_contexts = contexts[id(file_hp)]
         values_module.REBUILD_BELOW = 0.0 if mode == ALL_ROWS else rebuild_below
         t0 = time.perf_counter()
         if workers > 1:
             per_worker = max(1, threads // workers)
             values[mode], t_values = values_in_workers(
-                args.model, args.requests, args.n, hp, contexts, workers, per_worker
+                args.model, args.requests, args.n, hp, mode_contexts, workers, per_worker
             )
             values[mode].to(model_device(model))
         else:
             values[mode] = compute_values(
-                model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=contexts, hp=hp
+                model, tok, spec, requests, site=site, layer=site_start_layer(spec, hp), contexts=mode_contexts, hp=hp
             )
             t_values = time.perf_counter() - t0
         try:
@@ -208,6 +236,7 @@ def main() -> None:
             "dm": args.dm,
             "corpus": data_id(corpus),
             "hparams": config_to_dict(base),
+            "lite_hparams": None if lite is None else config_to_dict(lite),
             "threads": threads,
         },
         "unedited": unedited,

@@ -11,6 +11,7 @@ from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
+from fastedit.config import config_to_dict
 from fastedit.editing import values as values_module
 from fastedit.editing.alphaedit import alphaedit_update
 from fastedit.editing.batching import anchor_pad, right_pad
@@ -18,7 +19,7 @@ from fastedit.editing.context import context_templates
 from fastedit.editing.covariance import DegenerateNullSpaceError, EditCovariance
 from fastedit.editing.emmet import emmet_update
 from fastedit.editing.engine import EditFailedError, apply_edit, compute_edit
-from fastedit.editing.hparams import EditHparams, hparams_path, load_hparams
+from fastedit.editing.hparams import HPARAMS_DIR, EditHparams, hparams_path, is_v_star_setting, load_hparams
 from fastedit.editing.memit import memit_update
 from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
@@ -184,6 +185,19 @@ def test_hparams_files_load_and_model_file_wins():
     assert hparams_path("memit", "smollm2-135m").stem == "smollm2-135m"
     assert hparams_path("memit", "llama").stem == "llama"
     assert load_hparams("memit", "gpt2").layers == (13, 14, 15, 16, 17)
+
+
+def test_lite_hparams_change_only_the_v_star_settings():
+    """A ``<model>-lite.json`` is its model's file with a cheaper v*: same layers, λ and solve, so a comparison
+    of the two measures the v* settings alone (benchmarks/edit_speed.py --lite relies on it)."""
+    lites = sorted(HPARAMS_DIR.glob("*/*-lite.json"))
+    assert lites
+    for path in lites:
+        method = path.parent.name
+        lite = config_to_dict(load_hparams(method, "", path))
+        full = config_to_dict(load_hparams(method, path.stem.removesuffix("-lite")))
+        changed = {k for k in lite if lite[k] != full[k]} - {"notes", "extra"}
+        assert changed and all(is_v_star_setting(k) for k in changed), (path.name, changed)
 
 
 def test_values_key_shares_only_equal_targets():

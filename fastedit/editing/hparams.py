@@ -22,6 +22,13 @@ POST_NORM_MODES = ("per_layer", "project", "ignore", "output_site")
 PREVIOUS_KEYS_MODES = ("penalty", "exact")
 
 
+def is_v_star_setting(name: str) -> bool:
+    """Whether an `EditHparams` field shapes the v* optimisation (its loss, steps, stop and context prefixes)
+    rather than where or how the closed form edits: what a v* targets cache keys on, and all that a cheaper-v*
+    variant of a model's file (``<model>-lite.json``) may change."""
+    return name.startswith(("v_", "kl_", "context_"))
+
+
 def _hparams_dir() -> Path:
     """The shipped files: ``fastedit/hparams`` in an installed wheel, else ``hparams/`` of the source tree."""
     installed = Path(__file__).resolve().parents[1] / "hparams"

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from fastedit.arch import ArchSpec, add_at_positions, capture, model_device
 from fastedit.config import config_to_dict
 from fastedit.editing.batching import anchor_pad, pad_token_id, right_pad
-from fastedit.editing.hparams import EditHparams
+from fastedit.editing.hparams import EditHparams, is_v_star_setting
 from fastedit.editing.keys import contextual_prompts
 from fastedit.editing.replay import LayerReplay
 from fastedit.editing.subject import subject_last_index
@@ -89,7 +89,7 @@ def values_key(spec: ArchSpec, hp: EditHparams) -> str:
 
     Equal keys mean `compute_values` would return the same targets, so MEMIT, EMMET or a λ grid can share them.
     """
-    relevant = {k: v for k, v in config_to_dict(hp).items() if k.startswith(("v_", "kl_", "context_"))}
+    relevant = {k: v for k, v in config_to_dict(hp).items() if is_v_star_setting(k)}
     relevant.update(clamp_norm_factor=hp.clamp_norm_factor, site=edit_site(spec, hp), rome=hp.method == "rome")
     return json.dumps(relevant, sort_keys=True, default=str)
 
