@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from fastedit.errors import ConfigError, FasteditError
-from fastedit.stats.distributed import free_port, init_local, is_distributed, shutdown
+from fastedit.stats.distributed import barrier, free_port, init_local, is_distributed, shutdown
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[[Any], Any], arg: Any
     init_local(rank, world, port)
     try:
         fn(arg)
+        barrier()  # every rank done before any leaves the group (see `shutdown`)
     except FasteditError as exc:  # the parent raises it as one line; the other ranks are stopped by spawn
         Path(errors, f"rank{rank}.txt").write_text(str(exc), encoding="utf-8")
         raise SystemExit(1) from None

@@ -61,13 +61,19 @@ def process_group() -> Iterator[tuple[int, int]]:
     rank, world = rank_and_world()
     try:
         yield rank, world
+        if started_here:
+            barrier()  # see `shutdown`: no rank leaves while another still talks to it
     finally:
         if started_here and world > 1:
             shutdown()
 
 
 def shutdown() -> None:
-    """Leave the process group (after the last collective)."""
+    """Leave the process group (after the last collective).
+
+    After a normal run, call `barrier` first: a gloo rank that tears its connections down while a peer is still
+    finishing can take that peer down with it (SIGABRT, "terminate called without an active exception"). After an
+    error there is no barrier, since a failed peer would never reach it."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
