@@ -105,7 +105,7 @@ def values_in_workers(
 ) -> tuple[Any, float]:
     """(v* targets, wall seconds of v* alone) from ``workers`` local processes of ``threads`` torch threads each,
     every one loading ``model`` and the first ``n`` requests of ``requests`` and optimising its share
-    (`compute_values_sharded`); the seconds run from a barrier after loading to the gathered targets."""
+    (`compute_values` across ranks); the seconds run from a barrier after loading to the gathered targets."""
     from fastedit.editing.workers import run_in_workers
 
     with tempfile.TemporaryDirectory(prefix="edit-speed-") as folder:
@@ -118,7 +118,7 @@ def _values_job(arg: tuple) -> None:
     import torch.distributed as dist
 
     from fastedit.arch import arch_for
-    from fastedit.editing.values import compute_values_sharded, edit_site, site_start_layer
+    from fastedit.editing.values import compute_values, edit_site, site_start_layer
     from fastedit.models import load_model
     from fastedit.requests import load_requests
 
@@ -129,9 +129,9 @@ def _values_job(arg: tuple) -> None:
     requests = load_requests(source, n=n).requests
     dist.barrier()
     start = time.perf_counter()
-    values = compute_values_sharded(
+    values = compute_values(
         model, tok, spec, requests, site=edit_site(spec, hp), layer=site_start_layer(spec, hp), contexts=contexts,
-        hp=hp,
+        hp=hp, across_ranks=True,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     if dist.get_rank() == 0:

@@ -45,7 +45,6 @@ from fastedit.editing.template_neighbours import template_neighbour_keys
 from fastedit.editing.values import (
     ValueResult,
     compute_values,
-    compute_values_sharded,
     edit_site,
     site_start_layer,
     values_key,
@@ -198,7 +197,9 @@ def compute_targets(
     contexts = all_gather_objects(_contexts(model, tokenizer, hp))[0]
     site = edit_site(spec, hp)
     start = site_start_layer(spec, hp)
-    values = compute_values_sharded(model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp)
+    values = compute_values(
+        model, tokenizer, spec, requests, site=site, layer=start, contexts=contexts, hp=hp, across_ranks=True
+    )
     values.contexts, values.key = list(contexts), values_key(spec, hp)
     return values
 

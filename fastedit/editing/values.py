@@ -22,7 +22,7 @@ matrices have ~20 rows per request and cost about what reading the weights costs
 (1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests). A chunk's
 converged requests leave its forward (``REBUILD_BELOW``), so a chunk costs less as its requests converge.
 
-`compute_values_sharded` splits the requests across the ranks of a process group (torchrun, or
+``compute_values(..., across_ranks=True)`` splits the requests across the ranks of a process group (torchrun, or
 ``fastedit edit --workers N``) and gathers every target on every rank.
 """
 
@@ -171,12 +171,40 @@ def compute_values(
     layer: int,
     contexts: Sequence[str],
     hp: EditHparams,
+    across_ranks: bool = False,
 ) -> ValueResult:
     """Optimise δ for every request at ``site`` with the mode ``hp.v_mode``.
 
     ``layer``: the lowest block that holds a site (the fast modes replay from it). ``site`` may be a tuple of
     sites: each request then gets one δ per site, optimised jointly (``post_norm="per_layer"``).
+    ``across_ranks``: inside a process group (torchrun or ``fastedit edit --workers``) each rank optimises its
+    contiguous share of the requests with its own threads (requests are independent given the model) and every
+    rank receives all targets in request order; with one rank it changes nothing.
     """
+    rank, world = rank_and_world() if across_ranks else (0, 1)
+    if world == 1:
+        return _compute_local(model, tokenizer, spec, requests, site, layer, contexts, hp)
+    lo, hi = shard_bounds(len(requests), rank, world)
+    log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
+    local = None
+    if hi > lo:
+        local = _compute_local(model, tokenizer, spec, requests[lo:hi], site, layer, contexts, hp).to("cpu")
+        for item in local.info:
+            item["rank"] = rank
+    return concat_values([p for p in all_gather_objects(local) if p is not None]).to(model_device(model))
+
+
+def _compute_local(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: ArchSpec,
+    requests: Sequence[EditRequest],
+    site: str | Sequence[str],
+    layer: int,
+    contexts: Sequence[str],
+    hp: EditHparams,
+) -> ValueResult:
+    """`compute_values` in this process: the requests in chunks (batched) or one at a time."""
     sites = [site] if isinstance(site, str) else list(site)
     if hp.v_mode == "batched":
         groups = [list(range(i, min(i + BATCH_CHUNK, len(requests)))) for i in range(0, len(requests), BATCH_CHUNK)]
@@ -202,36 +230,6 @@ def concat_values(parts: Sequence[ValueResult]) -> ValueResult:
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     info = [item for p in parts for item in p.info]
     return ValueResult(init=cat("init"), targets=cat("targets"), info=info, delta=cat("delta"))
-
-
-def compute_values_sharded(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    spec: ArchSpec,
-    requests: Sequence[EditRequest],
-    *,
-    site: str | Sequence[str],
-    layer: int,
-    contexts: Sequence[str],
-    hp: EditHparams,
-) -> ValueResult:
-    """`compute_values` split across the ranks of a process group (torchrun or ``fastedit edit --workers``):
-    requests are independent given the model, so each rank optimises its contiguous share with its own threads
-    and every rank receives all targets in request order. One rank: `compute_values` itself."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return compute_values(model, tokenizer, spec, requests, site=site, layer=layer, contexts=contexts, hp=hp)
-    lo, hi = shard_bounds(len(requests), rank, world)
-    log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
-    local = None
-    if hi > lo:
-        local = compute_values(
-            model, tokenizer, spec, requests[lo:hi], site=site, layer=layer, contexts=contexts, hp=hp
-        ).to("cpu")
-        for item in local.info:
-            item["rank"] = rank
-    device = model_device(model)
-    return concat_values([p for p in all_gather_objects(local) if p is not None]).to(device)
 
 
 class _Reads:

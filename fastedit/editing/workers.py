@@ -3,7 +3,7 @@ never start torchrun themselves.
 
 The parent checks everything it can without the model, then spawns N processes (a free local port, gloo on CPU,
 nccl with one GPU per rank). Each runs the whole edit: v* requests and evaluation cases are split across them
-(`fastedit.editing.values.compute_values_sharded`), and rank 0 writes the outputs. Each worker runs
+(`fastedit.editing.values.compute_values` with ``across_ranks``), and rank 0 writes the outputs. Each worker runs
 max(1, cores // N) torch threads unless $OMP_NUM_THREADS says otherwise. A `FasteditError` in a worker reaches
 the parent as the same one-line error.
 """
