@@ -497,22 +497,8 @@ def run_unlearning(
     """
     cfg = config or UnlearnConfig()
     placed = placement(device, dtype)  # a bad --device/--dtype fails here, before any work
-    questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
-    if not questions.is_file():
-        raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
-                            "CounterFact file or `fastedit data add counterfact FILE`")  # fmt: skip
-    check_sae_corpus(cfg.corpus or None)  # before the model loads
     out = Path(out)
-    existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not overwrite:
-        raise FasteditError(
-            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
-        )
-    if cfg.retain_questions < 1 or not 0 <= cfg.retain_max_drop < 1:
-        raise FasteditError(
-            f"retain_questions must be ≥ 1 and retain_max_drop in [0, 1); got {cfg.retain_questions}, "
-            f"{cfg.retain_max_drop}"
-        )
+    _check_inputs(cfg, out, overwrite)
     saes_loaded = [(Path(s), *load_sae(s)) for s in saes]  # fail early on a bad folder, before any long work
     model, tokenizer = model_and_tokenizer(model, tokenizer, placed)
     for _, sae, info in saes_loaded:
@@ -550,19 +536,56 @@ def run_unlearning(
     values_cache: dict[str, Any] = {}
     for method in cfg.editors:
         rows.append(edit_row(scorer, method, base, cfg, values_cache, gate))
+    seconds = {"question_selection": round(select_s, 1), "total": round(time.perf_counter() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
+    result = _result(model, cfg, sets, gate, base, rows, grids, seconds)
+    plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {result['split']['summary']}")
+    write_text(out / "table.md", f"{result['protocol']}\n\n{result['table']}\n")
+    _write_json(out / "unlearning.json", result)
+    return result
+
+
+def _check_inputs(cfg: UnlearnConfig, out: Path, overwrite: bool) -> None:
+    """Everything checkable before the model loads: the question file, the retain corpus, the outputs, the gate."""
+    questions = resolve_data(cfg.counterfact) if cfg.counterfact else default_counterfact()
+    if not questions.is_file():
+        raise FasteditError(f"--counterfact {cfg.counterfact!r} is neither a file nor a data set; pass a flat "
+                            "CounterFact file or `fastedit data add counterfact FILE`")  # fmt: skip
+    check_sae_corpus(cfg.corpus or None)
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FasteditError(
+            f"{out} already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
+        )
+    if cfg.retain_questions < 1 or not 0 <= cfg.retain_max_drop < 1:
+        raise FasteditError(
+            f"retain_questions must be ≥ 1 and retain_max_drop in [0, 1); got {cfg.retain_questions}, "
+            f"{cfg.retain_max_drop}"
+        )
+
+
+def _result(
+    model: Any,
+    cfg: UnlearnConfig,
+    sets: QuestionSets,
+    gate: RetainGate,
+    base: dict[str, float],
+    rows: list[dict[str, Any]],
+    grids: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The content of ``unlearning.json``: config, protocol, gate, the question split with case ids, rows, grids."""
     summary = (
         f"forget topic {cfg.forget_topic}: {len(sets.forget)} questions (answered on rewrite prompt and held-out "
         f"paraphrase; scored on the paraphrase); retain: {len(sets.retain)} questions from "
         f"{sum(1 for t, v in sets.topics.items() if t != cfg.forget_topic and v['used'])} topics; "
         f"gate: {gate.describe()}"
     )
-    note = protocol_note(cfg, sets, gate)
-    result = {
+    return {
         "model": model_name(model),
         "placement": {"device": str(model_device(model)), "dtype": str(next(model.parameters()).dtype)},
         "config": config_to_dict(cfg),
-        "protocol": note,
+        "protocol": protocol_note(cfg, sets, gate),
         "gate": gate.as_dict(),
         "split": {
             "summary": summary,
@@ -579,9 +602,5 @@ def run_unlearning(
         "grids": grids,
         "forget_questions": [asdict(q) for q in sets.forget],
         "retain_questions": [asdict(q) for q in sets.retain],
-        "seconds": {"question_selection": round(select_s, 1), "total": round(time.perf_counter() - t0, 1)},
+        "seconds": seconds,
     }
-    plot_rows(rows, out / "unlearning.png", f"{model_name(model)} — {summary}")
-    write_text(out / "table.md", f"{note}\n\n{result['table']}\n")
-    _write_json(out / "unlearning.json", result)
-    return result

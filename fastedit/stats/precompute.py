@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +27,7 @@ from fastedit.stats.distributed import all_reduce_sum, barrier, broadcast_rows, 
 from fastedit.stats.errors import CorpusError, StatsCacheError, StatsError
 from fastedit.stats.keystats import KeyStats, condition_number
 from fastedit.stats.layers import check_layers
-from fastedit.stats.tokens import make_batches, plan_rows
+from fastedit.stats.tokens import Batch, make_batches, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +190,10 @@ def _compute(
     if dm is None and not src.finite:
         raise StatsError(f"--dm full needs a finite corpus, and {src.describe} is endless; pass --corpus FILE")
 
-    rows: list[torch.Tensor] | None = None
-    if rank == 0:
-        try:
-            cache.check_writable(folder)
-            rows = _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len, progress)
-        except Exception:
-            broadcast_rows(None)  # release the other ranks before failing
-            raise
-    rows = broadcast_rows(rows)
-    if rows is None:
-        raise StatsError("rank 0 could not prepare the corpus; see its error message")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = make_batches(rows, batch_tokens, seq_len, pad_id)[rank::world]
+    batches = _this_ranks_batches(
+        lambda: _plan(src, tokenizer, seed, n_plan, dm, max(d_ks.values()), seq_len, progress),
+        tokenizer, folder, batch_tokens, seq_len, rank, world,
+    )  # fmt: skip
     total_tokens = sum(b.n_tokens for b in batches)
     moments = {layer: SecondMoment(d_ks[layer], targets[layer]) for layer in layers}
 
@@ -242,8 +233,47 @@ def _compute(
         on_batch=checkpoint,
     )
     seconds = time.perf_counter() - start
-    new_tokens = total_tokens - done_tokens
+    tokens_per_s = (total_tokens - done_tokens) * world / max(seconds, 1e-9)
+    paths = {layer: cache.stats_path(folder, slug, layer, tag) for layer in layers}
+    return _reduce_and_write(moments, targets, expected, paths, partials, seconds, tokens_per_s)
 
+
+def _this_ranks_batches(
+    plan: Callable[[], list[torch.Tensor]],
+    tokenizer: Any,
+    folder: Path,
+    batch_tokens: int,
+    seq_len: int,
+    rank: int,
+    world: int,
+) -> list[Batch]:
+    """Rank 0 plans the corpus rows and sends them to every rank; each rank keeps every world-th batch."""
+    rows: list[torch.Tensor] | None = None
+    if rank == 0:
+        try:
+            cache.check_writable(folder)
+            rows = plan()
+        except Exception:
+            broadcast_rows(None)  # release the other ranks before failing
+            raise
+    rows = broadcast_rows(rows)
+    if rows is None:
+        raise StatsError("rank 0 could not prepare the corpus; see its error message")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return make_batches(rows, batch_tokens, seq_len, pad_id)[rank::world]
+
+
+def _reduce_and_write(
+    moments: dict[int, SecondMoment],
+    targets: dict[int, int | None],
+    expected: dict[int, dict[str, str]],
+    paths: dict[int, Path],
+    partials: dict[int, Path],
+    seconds: float,
+    tokens_per_s: float,
+) -> tuple[dict[int, KeyStats], dict[int, LayerInfo]]:
+    """Sum every rank's Σkkᵀ and key count, C0 = Σkkᵀ / n per layer; rank 0 writes it and drops the partial."""
+    rank, _ = rank_and_world()
     stats: dict[int, KeyStats] = {}
     info: dict[int, LayerInfo] = {}
     for layer, moment in moments.items():
@@ -259,11 +289,10 @@ def _compute(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         stats[layer] = KeyStats(layer, mean, count, meta)
-        path = cache.stats_path(folder, slug, layer, tag)
         if rank == 0:
-            cache.write_stats(stats[layer], path)
+            cache.write_stats(stats[layer], paths[layer])
             partials[layer].unlink(missing_ok=True)
-        info[layer] = LayerInfo(path, False, seconds, new_tokens * world / max(seconds, 1e-9))
+        info[layer] = LayerInfo(paths[layer], False, seconds, tokens_per_s)
     barrier()
     return stats, info
 
