@@ -182,29 +182,17 @@ def compute_values(
     rank receives all targets in request order; with one rank it changes nothing.
     """
     rank, world = rank_and_world() if across_ranks else (0, 1)
-    if world == 1:
-        return _compute_local(model, tokenizer, spec, requests, site, layer, contexts, hp)
-    lo, hi = shard_bounds(len(requests), rank, world)
-    log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
-    local = None
-    if hi > lo:
-        local = _compute_local(model, tokenizer, spec, requests[lo:hi], site, layer, contexts, hp).to("cpu")
-        for item in local.info:
-            item["rank"] = rank
-    return concat_values([p for p in all_gather_objects(local) if p is not None]).to(model_device(model))
-
-
-def _compute_local(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    spec: ArchSpec,
-    requests: Sequence[EditRequest],
-    site: str | Sequence[str],
-    layer: int,
-    contexts: Sequence[str],
-    hp: EditHparams,
-) -> ValueResult:
-    """`compute_values` in this process: the requests in chunks (batched) or one at a time."""
+    if world > 1:
+        lo, hi = shard_bounds(len(requests), rank, world)
+        log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
+        local = None
+        if hi > lo:
+            share = requests[lo:hi]
+            local = compute_values(model, tokenizer, spec, share, site=site, layer=layer, contexts=contexts, hp=hp)
+            local = local.to("cpu")
+            for item in local.info:
+                item["rank"] = rank
+        return concat_values([p for p in all_gather_objects(local) if p is not None]).to(model_device(model))
     sites = [site] if isinstance(site, str) else list(site)
     if hp.v_mode == "batched":
         groups = [list(range(i, min(i + BATCH_CHUNK, len(requests)))) for i in range(0, len(requests), BATCH_CHUNK)]
