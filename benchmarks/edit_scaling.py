@@ -110,11 +110,7 @@ def main() -> None:
     load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
     out = Path(args.out) if args.out else RESULTS / f"edit_scaling_{Path(args.model).name}.json"
 
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="edit-scaling-") as folder:
-        for n in ns:
-            rows.append(one_run(args, n, Path(folder)))
-    result = {
+    result: dict[str, Any] = {
         "config": {
             "model": args.model,
             "method": args.method,
@@ -125,11 +121,15 @@ def main() -> None:
             "hparams_file": Path(args.hparams).name if args.hparams else "the model's file",
             "hparams": config_to_dict(load_hparams(args.method, args.model, args.hparams)),
         },
-        "runs": rows,
+        "runs": [],
     }
-    write_json(out, result)
     png = out.with_suffix(".png")
-    plot(result, png)
+    with tempfile.TemporaryDirectory(prefix="edit-scaling-") as folder:
+        for n in ns:
+            result["runs"].append(one_run(args, n, Path(folder)))
+            # Written after every n, so a long run stopped early keeps what it measured.
+            write_json(out, result)
+            plot(result, png)
     print(f"wrote {out} and {png}")
 
 
