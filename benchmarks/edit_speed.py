@@ -227,6 +227,9 @@ def main() -> None:
         r["same_metrics_2pt"] = all(abs(r[k] - ref[k]) <= 2.0 for k in ("es", "ps", "ns"))
         r["v_agreement"] = agreement(values[mode], values["reference"])
     fastest = min(modes, key=lambda m: results[m]["seconds_edit"])
+    # What the speed aim is judged on: the fastest mode whose ES/PS/NS stay within 2 points of the reference.
+    holding = [m for m in modes[1:] if results[m]["same_metrics_2pt"]]
+    fastest_holding = min(holding, key=lambda m: results[m]["seconds_edit"]) if holding else None
     result = {
         "config": {
             "model": args.model,
@@ -242,6 +245,7 @@ def main() -> None:
         "unedited": unedited,
         "modes": results,
         "fastest": fastest,
+        "fastest_within_2pt": fastest_holding,
     }
     write_json(out, result)
     png = out.with_suffix(".png")
@@ -258,7 +262,8 @@ def main() -> None:
             f"{mode:>15} {r['values_seconds_per_request']:>9.2f} {r['edit_seconds_per_request']:>10.2f} {speed:>8} "
             f"{r['mean_steps']:>6.1f} " + " ".join(f"{r[k]:>5.1f}" for k in METRICS) + f" {rel:>8}"
         )
-    print(f"fastest: {fastest}\nwrote {out} and {png}")
+    print(f"fastest: {fastest}; fastest within ±2 of the reference's ES/PS/NS: {fastest_holding or 'none'}")
+    print(f"wrote {out} and {png}")
 
 
 if __name__ == "__main__":
