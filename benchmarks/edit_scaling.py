@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_scaling_<model>.json)")
     args = ap.parse_args()
     ns = sorted(int(x) for x in args.ns.split(","))
-    load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
+    hp = load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
     out = Path(args.out) if args.out else RESULTS / f"edit_scaling_{Path(args.model).name}.json"
 
     result: dict[str, Any] = {
@@ -119,7 +119,7 @@ def main() -> None:
             "dm": args.dm,
             "corpus": data_id(args.corpus),
             "hparams_file": Path(args.hparams).name if args.hparams else "the model's file",
-            "hparams": config_to_dict(load_hparams(args.method, args.model, args.hparams)),
+            "hparams": config_to_dict(hp),
         },
         "runs": [],
     }

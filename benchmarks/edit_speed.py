@@ -46,18 +46,13 @@ from fastedit.editing import values as values_module
 from fastedit.editing.api import evaluate
 from fastedit.editing.context import context_templates
 from fastedit.editing.engine import apply_edit
-from fastedit.editing.hparams import V_MODES, is_v_star_setting, load_hparams
+from fastedit.editing.hparams import V_MODES, differences_beyond_v_star, load_hparams
 from fastedit.editing.values import ValueResult, compute_values, edit_site, site_start_layer
 from fastedit.models import load_model
 from fastedit.requests import load_requests
 from fastedit.stats import ensure_stats
 
 METRICS = ("es", "ps", "ns", "score")
-
-
-def lite_may_change(name: str) -> bool:
-    """Settings a lite hparams file may change: the v* ones (and the free-text notes)."""
-    return is_v_star_setting(name) or name in ("notes", "extra")
 
 
 WORKERS = re.compile(r"(?:lite_)?workers(\d+)$")  # "workers2": batched v* in 2 processes
@@ -154,7 +149,7 @@ def main() -> None:
     base = load_hparams(args.method, model, args.hparams)
     lite = load_hparams(args.method, model, args.lite) if args.lite else None
     if lite is not None:
-        other = [k for k, v in config_to_dict(lite).items() if v != config_to_dict(base)[k] and not lite_may_change(k)]
+        other = differences_beyond_v_star(lite, base)
         if other:
             ap.error(f"--lite {args.lite} differs from the base hparams outside the v* settings: {other}")
     layers = list(base.layers)
@@ -162,10 +157,10 @@ def main() -> None:
     covs = {layer: stats[layer].mean for layer in layers}
     site = edit_site(spec, base)
     # Generated once per setting beforehand, so no mode pays for them.
+    settings = {"base": base} if lite is None else {"base": base, LITE: lite}
     contexts = {
-        id(hp): context_templates(model, tok, seeds=hp.context_seeds, length=hp.context_length, seed=hp.context_seed)
-        for hp in (base, lite)
-        if hp is not None
+        name: context_templates(model, tok, seeds=hp.context_seeds, length=hp.context_length, seed=hp.context_seed)
+        for name, hp in settings.items()
     }
     snapshot = snapshot_mlp_out(model, spec, layers)
     print(f"{args.model}: {len(requests)} requests, {args.method} layers {layers}, modes {modes}", flush=True)
@@ -179,10 +174,9 @@ def main() -> None:
     rebuild_below = values_module.REBUILD_BELOW
     for mode in modes:
         workers = int(WORKERS.match(mode)[1]) if WORKERS.match(mode) else 1
-        file_hp = lite if mode.startswith(LITE) else base
-        assert file_hp is not None
-        hp = file_hp.replace(v_mode="batched" if workers > 1 or mode in (ALL_ROWS, LITE) else mode)
-        mode_contexts = contexts[id(file_hp)]
+        source = LITE if mode.startswith(LITE) else "base"
+        hp = settings[source].replace(v_mode="batched" if workers > 1 or mode in (ALL_ROWS, LITE) else mode)
+        mode_contexts = contexts[source]
         values_module.REBUILD_BELOW = 0.0 if mode == ALL_ROWS else rebuild_below
         t0 = time.perf_counter()
         if workers > 1:

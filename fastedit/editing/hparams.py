@@ -29,6 +29,18 @@ def is_v_star_setting(name: str) -> bool:
     return name.startswith(("v_", "kl_", "context_"))
 
 
+def differences_beyond_v_star(a: EditHparams, b: EditHparams) -> list[str]:
+    """The fields in which ``a`` and ``b`` differ other than the v* settings and the free text (notes, extra):
+    empty when editing with one or the other differs in v* alone (a ``<model>-lite.json`` and its model's file)."""
+    return [
+        f.name
+        for f in dataclasses.fields(EditHparams)
+        if f.name not in ("notes", "extra")
+        and not is_v_star_setting(f.name)
+        and getattr(a, f.name) != getattr(b, f.name)
+    ]
+
+
 def _hparams_dir() -> Path:
     """The shipped files: ``fastedit/hparams`` in an installed wheel, else ``hparams/`` of the source tree."""
     installed = Path(__file__).resolve().parents[1] / "hparams"
