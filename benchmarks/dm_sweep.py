@@ -21,14 +21,20 @@ Writes benchmarks/results/dm_sweep_<model>.json and .png (or --out PATH.json).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
+from edit_common import (
+    WIKITEXT,
+    benchmark_parser,
+    data_id,
+    parse_benchmark_args,
+    save_figure,
+    write_json,
+)
 
 from fastedit.arch import arch_for, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
@@ -184,10 +190,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser("dm_sweep", __doc__)
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests")
-    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--dms", default="1,2,5,10,full", help="comma-separated d_m values ('full' = whole corpus)")
     ap.add_argument("--methods", default="memit,emmet,alphaedit")
     ap.add_argument(
@@ -198,18 +202,12 @@ def main() -> None:
     )
     ap.add_argument("--corpus", default=WIKITEXT)
     ap.add_argument("--stats-dir", default=None, help="stats cache folder (default: the fastedit cache)")
-    ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/dm_sweep_<model>.json)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, out = parse_benchmark_args(ap)
 
     dms = parse_dms(args.dms)
     dm_labels = [str(d) for d in dms]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     factors = sorted({float(f) for f in args.lam_factors.split(",")} | {1.0})
-    out = Path(args.out) if args.out else RESULTS / f"dm_sweep_{args.model}.json"
     t_start = time.perf_counter()
 
     model, tok = load_model(args.model)

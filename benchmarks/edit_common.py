@@ -7,6 +7,7 @@ share with P(locality_ground_truth) > P(new) on ``locality_prompt``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -27,6 +28,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COUNTERFACT = "counterfact"
 WIKITEXT = "wikitext-2"
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_parser(
+    name: str, doc: str, *, model: str = "smollm2-135m", runs_in_process: bool = True
+) -> argparse.ArgumentParser:
+    """The options the editing benchmarks share (--model, --requests, --out and, when the benchmark runs the
+    model in its own process, --eval-batch-size and --threads); ``name`` names the default result file."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--requests", default=COUNTERFACT, help="data set name or requests file")
+    ap.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{name}_<model>.json)")
+    if runs_in_process:
+        ap.add_argument("--eval-batch-size", type=int, default=16)
+        ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.set_defaults(result_name=name)
+    return ap
+
+
+def parse_benchmark_args(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path]:
+    """(options, result JSON path) of a `benchmark_parser`; sets the torch threads when --threads is given."""
+    args = ap.parse_args()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else RESULTS / f"{args.result_name}_{Path(args.model).name}.json"
+    return args, out
 
 
 def load_cases(n: int, start: int = 0) -> tuple[list[EditRequest], list[dict[str, Any]]]:

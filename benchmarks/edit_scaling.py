@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
+from edit_common import (
+    WIKITEXT,
+    benchmark_parser,
+    data_id,
+    parse_benchmark_args,
+    save_figure,
+    write_json,
+)
 
 from fastedit.config import config_to_dict
 from fastedit.editing.hparams import load_hparams
@@ -95,20 +102,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser("edit_scaling", __doc__, runs_in_process=False)
     ap.add_argument("--ns", default="100,300,1000", help="comma-separated numbers of edits")
-    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--method", default="memit", choices=["memit", "emmet", "alphaedit"])
     ap.add_argument("--hparams", default=None, help="hparams file (default: the model's file in hparams/)")
     ap.add_argument("--workers", type=int, default=2, help="processes (fastedit edit --workers)")
     ap.add_argument("--dm", default="10")
     ap.add_argument("--corpus", default=WIKITEXT, help="covariance corpus (default: the wikitext-2 data set)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_scaling_<model>.json)")
-    args = ap.parse_args()
+    args, out = parse_benchmark_args(ap)
     ns = sorted(int(x) for x in args.ns.split(","))
     hp = load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
-    out = Path(args.out) if args.out else RESULTS / f"edit_scaling_{Path(args.model).name}.json"
 
     result: dict[str, Any] = {
         "config": {

@@ -2,8 +2,10 @@
 
 The first --n CounterFact cases are edited as one batch with --method, once per v* mode ("reference": the whole
 model per step, one request after the other, like the reference tools; "fast": replay only the layers above the
-site, logits only where the loss reads, stop at converged NLL; "batched": fast over chunks of requests). Each
-mode starts from the unedited model; the context prefixes are generated once beforehand so no mode pays for them.
+site, logits only where the loss reads; "batched": fast over chunks of requests). Every mode stops a request by
+the hparams' same rules (loss threshold, ``v_nll_stop``, stalled NLL), so the ratio measures how the targets are
+computed, not how far v* is run. Each mode starts from the unedited model; the context prefixes are generated
+once beforehand so no mode pays for them.
 Reported per mode: wall seconds per request (v* and the whole edit = v* + keys + closed-form solves), the speed
 ratio against "reference", ES/PS/NS/Score (`fastedit.evaluate`), and how far each mode's v* targets are from the
 reference's (‖z_mode − z_ref‖ / ‖z_ref − h‖). Target: ≥ 6× faster, metrics within ±2 points.
@@ -31,14 +33,21 @@ Writes benchmarks/results/edit_speed_<model>.json and .png (or --out PATH.json).
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, values_in_workers, write_json
+from edit_common import (
+    WIKITEXT,
+    benchmark_parser,
+    data_id,
+    parse_benchmark_args,
+    save_figure,
+    values_in_workers,
+    write_json,
+)
 
 from fastedit.arch import arch_for, model_device, restore_mlp_out, snapshot_mlp_out
 from fastedit.config import config_to_dict
@@ -117,22 +126,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap = benchmark_parser("edit_speed", __doc__)
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests, edited as one batch")
-    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--method", default="memit", choices=["memit", "emmet", "alphaedit"])
     ap.add_argument("--hparams", default=None, help="hparams file (default: the model's file in hparams/)")
     ap.add_argument("--modes", default="fast", help="comma-separated v* modes (or workersN) compared with 'reference'")
     ap.add_argument("--dm", default="10", help="d_m of the covariance (cached after the first run)")
     ap.add_argument("--corpus", default=None, help="stats corpus (default: the wikitext-2 data set)")
     ap.add_argument("--lite", default=None, help="hparams file of the lite modes (only v* settings differ)")
-    ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/edit_speed_<model>.json)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, out = parse_benchmark_args(ap)
     modes = ["reference", *[m.strip() for m in args.modes.split(",") if m.strip() and m.strip() != "reference"]]
     bad = check_modes(modes)
     if bad:
@@ -141,7 +143,6 @@ def main() -> None:
         ap.error("the lite modes need --lite HPARAMS_FILE (the cheaper v* settings)")
     corpus = args.corpus or WIKITEXT
     dm: float | str = args.dm if args.dm == "full" else float(args.dm)
-    out = Path(args.out) if args.out else RESULTS / f"edit_speed_{args.model}.json"
 
     model, tok = load_model(args.model)
     spec = arch_for(model)

@@ -11,14 +11,20 @@ benchmarks/results/sampled_corpus_<model>.*.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from dm_sweep import compute_all_values
-from edit_common import COUNTERFACT, RESULTS, WIKITEXT, data_id, save_figure, write_json
+from edit_common import (
+    WIKITEXT,
+    benchmark_parser,
+    data_id,
+    parse_benchmark_args,
+    save_figure,
+    write_json,
+)
 
 from fastedit.arch import arch_for, restored_after
 from fastedit.config import config_to_dict
@@ -56,21 +62,13 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gemma3-270m")
+    ap = benchmark_parser("sampled_corpus", __doc__, model="gemma3-270m")
     ap.add_argument("--n", type=int, default=100, help="first N cases of --requests")
-    ap.add_argument("--requests", default=COUNTERFACT)
     ap.add_argument("--dm", type=float, default=10)
     ap.add_argument("--corpora", default=f"{WIKITEXT},model", help="comma list of corpora to compare")
     ap.add_argument("--seed", type=int, default=0, help="corpus order / sampling seed")
     ap.add_argument("--stats-dir", default=None, help="stats cache folder (default: the fastedit cache)")
-    ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sampled_corpus_<model>.json)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else RESULTS / f"sampled_corpus_{args.model}.json"
+    args, out = parse_benchmark_args(ap)
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     t_start = time.perf_counter()
 

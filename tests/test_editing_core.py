@@ -549,6 +549,25 @@ def test_v_modes_agree(tok):
         assert f["steps"] <= r["steps"] and f["nll_end"] < f["nll_start"]
 
 
+def test_every_v_mode_stops_by_the_same_rules(tok):
+    """An hparams file's v_nll_stop ends the reference loop where it ends batched v*: the mode changes how the
+    targets are computed, not how far v* runs (a reference run to its loss threshold over-edits such a file)."""
+    model = peaked(tiny_model("llama"))
+    spec = arch_for(model)
+    contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
+    runs = {}
+    for mode in ("reference", "batched"):
+        # The tiny model's target NLL starts above 6: a stop at 5.6 ends v* early, the stall rule is off.
+        hp = hp_for("memit", v_mode=mode, v_nll_stop=5.6, v_nll_patience=1000, v_num_grad_steps=30)
+        site = edit_site(spec, hp)
+        runs[mode] = compute_values(model, tok, spec, REQUESTS, site=site, layer=1, contexts=contexts, hp=hp)
+    steps = {mode: [item["steps"] for item in run.info] for mode, run in runs.items()}
+    assert steps["reference"] == steps["batched"] and max(steps["reference"]) < 30
+    assert all(item["nll_start"] > 5.6 > item["nll_end"] for item in runs["reference"].info)
+    ref = runs["reference"].targets
+    assert torch.allclose(runs["batched"].targets, ref, rtol=1e-3, atol=1e-3 * float(ref.norm(dim=1).max()))
+
+
 def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypatch):
     """Batched v* drops converged requests' rows from later steps; the targets are those of keeping every row."""
     model = peaked(tiny_model("llama"))

@@ -57,10 +57,12 @@ class EditHparams:
     v*: Adam on δ for ``v_num_grad_steps`` steps at ``v_lr`` (relative to the RMS of the hidden state when
     ``v_lr_relative``), clamp ‖δ‖ ≤ clamp_norm_factor·‖h‖, loss = NLL + kl_factor·KL + v_weight_decay·‖δ‖/‖h‖².
     ``v_mode``: "reference" (plain full-model loop per request), "fast" (per request: reuse the layers below δ
-    and the keys/values of the tokens before the subject, logits only where the loss reads, stop at converged
-    NLL), "batched" (fast, all requests of a batch at once). ``v_nll_stop`` 0.01: the reference loop ends at a
-    mean target NLL of ~0.02 on SmolLM2 and ~0.009 on Gemma 3 (benchmarks/edit_speed.py); a stop at 0.05 cost 4
-    points of ES, 0.02 cost Gemma 3 points of PS and gave SmolLM2 3 points more NS than the reference.
+    and the keys/values of the tokens before the subject, logits only where the loss reads), "batched" (fast,
+    all requests of a batch at once). Every mode stops a request at total loss below
+    ``v_loss_threshold`` (the reference tools' rule), at target NLL below ``v_nll_stop`` or when its NLL stalls.
+    ``v_nll_stop`` 0.01: the loss rule alone ends at a mean target NLL of ~0.02 on SmolLM2 and ~0.009 on Gemma 3
+    (benchmarks/edit_speed.py); a stop at 0.05 cost 4 points of ES, 0.02 cost Gemma 3 points of PS and gave
+    SmolLM2 3 points more NS than the loss rule alone.
     """
 
     method: str
@@ -71,11 +73,11 @@ class EditHparams:
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
     kl_factor: float = 0.0625
-    v_loss_threshold: float = 0.05  # reference stop: total loss below this
+    v_loss_threshold: float = 0.05  # a request stops once its total loss is below this (the reference tools' rule)
     v_mode: str = "batched"  # fastest on CPU too; "reference" is the plain loop, kept for comparisons
     v_lr_relative: bool = False  # scale the step by rms(h): Adam moves δ by ~v_lr·rms(h) per coordinate
-    v_nll_stop: float = 0.01  # fast/batched: a request stops once its target NLL is below this
-    v_nll_patience: int = 3  # fast/batched: ...or once its NLL improved by < 1% for this many steps
+    v_nll_stop: float = 0.01  # ...or once its target NLL is below this
+    v_nll_patience: int = 3  # ...or once its NLL improved by < 1% for this many steps
     kl_prompt: str = "{} is a"
     context_seeds: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # tokens per generated prefix (seed included)

@@ -31,7 +31,7 @@ from fastedit.stats.distributed import all_ranks_agree, rank_and_world
 log = logging.getLogger(__name__)
 
 SAMPLED_ELEMENTS = 4096  # per parameter: enough to tell checkpoints apart, cheap for a 7B model
-FORMAT = "fastedit-targets/1"
+FORMAT = "fastedit-targets/2"
 
 
 @torch.no_grad()

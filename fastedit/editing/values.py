@@ -14,8 +14,9 @@ Per request, minimised over δ (shapes: h, δ (d_model,)):
 Modes (``hparams.v_mode``): "reference" runs the whole model per step for one request at a time (the plain
 loop the reference tools run). "fast" replays only the layers from the site's layer upwards from a stored
 input and only the token columns from the subject's last token on (the earlier ones sit in a key/value cache;
-``replay.py``), reads logits only where the loss needs them, and stops a request once its target NLL has
-converged.
+``replay.py``) and reads logits only where the loss needs them. Every mode stops a request by the same rules
+(loss below ``v_loss_threshold``, target NLL below ``v_nll_stop``, or a stalled NLL), so the modes differ in speed,
+not in the targets an hparams file asks for.
 "batched" (the default) is "fast" over all requests of a chunk together, each with its own δ (one
 forward/backward per step): Adam is per coordinate, so the targets equal "fast"'s; with the prefix cached a step's
 matrices have ~20 rows per request and cost about what reading the weights costs, which the chunk shares
@@ -303,21 +304,20 @@ class _Reads:
 
 
 class _Stopping:
-    """When a request is done: total loss below ``v_loss_threshold`` (the reference rule), and in the fast modes
-    also target NLL below ``v_nll_stop`` or an NLL that improved by < 1 % over ``v_nll_patience`` steps."""
+    """When a request is done: total loss below ``v_loss_threshold`` (the reference tools' rule), target NLL below
+    ``v_nll_stop``, or an NLL that improved by < 1 % over ``v_nll_patience`` steps. The same in every mode, so
+    ``v_mode`` changes how fast the targets are found, not which targets an hparams file asks for."""
 
-    def __init__(self, hp: EditHparams, fast: bool) -> None:
-        self.hp, self.fast = hp, fast
+    def __init__(self, hp: EditHparams) -> None:
+        self.hp = hp
         self.history: list[torch.Tensor] = []
 
     def done(self, loss: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
-        done = loss < self.hp.v_loss_threshold
-        if self.fast:
-            self.history.append(nll)
-            done |= nll < self.hp.v_nll_stop
-            k = self.hp.v_nll_patience
-            if len(self.history) > k:
-                done |= nll > 0.99 * self.history[-1 - k]
+        self.history.append(nll)
+        done = (loss < self.hp.v_loss_threshold) | (nll < self.hp.v_nll_stop)
+        k = self.hp.v_nll_patience
+        if len(self.history) > k:
+            done |= nll > 0.99 * self.history[-1 - k]
         return done
 
 
@@ -372,7 +372,7 @@ def _optimise(
     u = torch.zeros_like(h, requires_grad=True)  # δ = u · scale: Adam's step is then relative to rms(h)
     opt = torch.optim.Adam([u], lr=hp.v_lr)
     active = torch.ones(n_req, dtype=torch.bool, device=h.device)
-    stopping = _Stopping(hp, fast)
+    stopping = _Stopping(hp)
     steps = torch.zeros(n_req, dtype=torch.long)
     # The requests whose rows the current `step_reads` runs (all at first), and their loss / NLL when last run.
     live, step_rows, step_reads = torch.arange(n_req, device=h.device), rows, reads

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastedit.arch import arch_for
 from fastedit.stats.corpus import check_corpus
+from fastedit.stats.distributed import process_group
 from fastedit.stats.errors import StatsError
 from fastedit.stats.keystats import KeyStats, condition_number
 from fastedit.stats.layers import check_layer_list, default_layers, layers_from_hparams
@@ -73,14 +74,17 @@ def precompute(
         layers, source = check_layer_list(layers), "--layers"
     elif hparams is not None:
         layers, source = layers_from_hparams(hparams), str(hparams)
-    loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
-    if layers is None:
-        layers, source = default_layers(loaded, arch_for(loaded), model)
-    log.info("layers %s (from %s)", layers, source)
-    run = run_stats(
-        loaded, tokenizer, layers, dm=dm, corpus=corpus, seed=seed, out=out, batch_tokens=batch_tokens,
-        seq_len=seq_len, model_name=model, resume=resume, progress=progress, log_summary=False,
-    )  # fmt: skip
+    # Under torchrun the group is started here and left (barrier, then destroyed) before the process exits: a
+    # gloo rank that exits with its group alive while a peer is still tearing down can abort that peer.
+    with process_group():
+        loaded, tokenizer = load_model(model, device=where, dtype=dtype_)
+        if layers is None:
+            layers, source = default_layers(loaded, arch_for(loaded), model)
+        log.info("layers %s (from %s)", layers, source)
+        run = run_stats(
+            loaded, tokenizer, layers, dm=dm, corpus=corpus, seed=seed, out=out, batch_tokens=batch_tokens,
+            seq_len=seq_len, model_name=model, resume=resume, progress=progress, log_summary=False,
+        )  # fmt: skip
     report = PrecomputeReport(run.stats, run.info, source, run.corpus.describe if run.corpus else "", eps, run.rank)
     report.lines.append(f"{model}: layers {','.join(map(str, run.stats))} ({source}); corpus {report.corpus}")
     for layer, stats in run.stats.items():
