@@ -27,6 +27,7 @@ from fastedit.editing.hparams import (
     is_v_star_setting,
     load_hparams,
 )
+from fastedit.editing.keys import read_at_subject
 from fastedit.editing.memit import memit_update
 from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
@@ -599,6 +600,86 @@ def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypat
     assert float((runs[0.5].targets - ref).abs().max() / ref.abs().max()) <= 1e-5
     for a, b in zip(runs[0.5].info, runs[0.0].info, strict=True):
         assert a["nll_end"] == pytest.approx(b["nll_end"], rel=1e-5, abs=1e-6)
+
+
+def test_v_star_loss_and_its_gradient_match_the_plain_formula():
+    """The written-out NLL + KL (and its backward) equal log-softmax, gather and KL by autograd."""
+    gen = torch.Generator().manual_seed(0)
+    n_req, m, vocab = 3, 5, 11
+    rows = values_module._Rows(
+        read_label=[1, 4, 4, 0, 10], read_weight=[0.5, 0.5, 1.0, 0.25, 0.75], read_owner=[0, 0, 1, 2, 2]
+    )
+    kl_before = torch.log_softmax(torch.randn(n_req, vocab, generator=gen, dtype=torch.float64), -1)
+    delta = torch.randn(n_req, 2, 4, generator=gen, dtype=torch.float64)
+    h_norm = torch.rand(n_req, 2, generator=gen, dtype=torch.float64) + 1
+    hp = hp_for("memit", kl_factor=0.3)
+    loss_weights = torch.rand(n_req, generator=gen, dtype=torch.float64)
+    base = torch.randn(m + n_req, vocab, generator=gen, dtype=torch.float64)
+
+    logits = base.clone().requires_grad_(True)
+    loss, nll = values_module._losses(logits, rows, kl_before, delta, h_norm, hp)
+    (loss * loss_weights).sum().backward()
+
+    plain = base.clone().requires_grad_(True)
+    logp = torch.log_softmax(plain, -1)
+    token_lp = logp[:m].gather(1, torch.tensor(rows.read_label)[:, None]).squeeze(1)
+    want_nll = torch.zeros(n_req, dtype=torch.float64).index_add(
+        0, torch.tensor(rows.read_owner), -token_lp * torch.tensor(rows.read_weight, dtype=torch.float64)
+    )
+    kl = (logp[m:].exp() * (logp[m:] - kl_before)).sum(-1)
+    want = want_nll + hp.kl_factor * kl + hp.v_weight_decay * (delta.norm(dim=2) / h_norm**2).sum(dim=1)
+    (want * loss_weights).sum().backward()
+    assert torch.allclose(nll, want_nll) and torch.allclose(loss, want)
+    assert torch.allclose(logits.grad, plain.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_chunks_hold_requests_of_similar_width_and_targets_come_back_in_request_order(tok, monkeypatch):
+    """Chunks group requests by row width (less padding); the targets are each request's own, in file order."""
+    model = peaked(tiny_model("llama"))
+    spec = arch_for(model)
+    contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
+    requests = [
+        EditRequest("long", "{} is a museum that many visitors from all over the world go to see in", "Louvre",
+                    "Rome", "Paris"),
+        EditRequest("short", "{} plays", "Toko Yasuda", "piano", "guitar"),
+        EditRequest("longer", "{} was a composer whose music is still played in concert halls in", "Mozart",
+                    "Tokyo", "Vienna"),
+        EditRequest("shorter", "{} flows", "Nile", "north", "south"),
+    ]  # fmt: skip
+    monkeypatch.setattr(values_module, "BATCH_CHUNK", 2)
+    chunks = values_module.chunks_by_width(tok, requests, contexts, "{} is a")
+    assert sorted(map(sorted, chunks)) == [[0, 2], [1, 3]]  # file order would pair a long with a short one
+    site = edit_site(spec, hp_for("memit"))
+    runs = {}
+    for mode in ("fast", "batched"):
+        hp = hp_for("memit", v_mode=mode, v_nll_stop=0.0, v_nll_patience=1000, v_num_grad_steps=8)
+        runs[mode] = compute_values(model, tok, spec, requests, site=site, layer=1, contexts=contexts, hp=hp)
+    assert [item["case_id"] for item in runs["batched"].info] == [r.case_id for r in requests]
+    ref = runs["fast"].targets
+    assert float((runs["batched"].targets - ref).abs().max() / ref.abs().max()) <= 1e-4
+    assert torch.equal(runs["batched"].init, runs["fast"].init)
+
+
+def test_keys_are_read_at_the_subject_token_of_the_whole_prompt(tok):
+    """Prompts are cut after the subject and sorted by length for the key forward; the keys are still those of
+    each whole prompt at its subject's last token, in request and context order."""
+    model = peaked(tiny_model("llama"))
+    spec = arch_for(model)
+    contexts = ["{}", "Once upon a time there was a story. {}", "I. {}"]
+    requests = [
+        EditRequest("0", "{} is a museum in the city of", "The Louvre", "Rome", "Paris"),
+        EditRequest("1", "Toko Yasuda plays the {}", "guitar", "Redmond", "piano"),
+    ]
+    name = spec.path("mlp_out", 1)
+    read = read_at_subject(model, tok, spec, requests, contexts, stop_layer=1, inputs_of=[name])[f"in:{name}"]
+    for r, req in enumerate(requests):
+        for c, context in enumerate(contexts):
+            template = context.replace("{}", req.prompt, 1)
+            ids = torch.tensor([tok(template.replace("{}", req.subject, 1)).input_ids])
+            with capture(model, [name], inputs=True) as rec, torch.no_grad():
+                model(input_ids=ids)
+            want = rec[name].input[0, subject_last_index(tok, template, req.subject)]
+            assert torch.allclose(read[r, c], want, atol=1e-5)
 
 
 def test_subject_after_a_trailing_space(tok):

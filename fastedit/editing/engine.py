@@ -287,10 +287,12 @@ def _layer_residual(
     spec = arch_for(model)
     site, layer = edit_site(spec, hp), hp.layers[i]
     if isinstance(site, tuple):  # per-layer targets on each mlp_out output: z_i − m_i(edited layers below)
-        keys, _, current = compute_keys(model, tokenizer, spec, requests, layer, contexts, site=site[i])
+        keys, _, current = compute_keys(
+            model, tokenizer, spec, requests, layer, contexts, site=site[i], across_ranks=True
+        )
         return keys, values.targets[:, i] - current
     keys, _, current = compute_keys(
-        model, tokenizer, spec, requests, layer, contexts, site=site, site_layer=hp.layers[-1]
+        model, tokenizer, spec, requests, layer, contexts, site=site, site_layer=hp.layers[-1], across_ranks=True
     )
     residual = (values.targets - current) / (len(hp.layers) - i)  # this layer's share of the missing residual
     if spec.post_mlp_norm is not None and hp.post_norm == "project":

@@ -16,6 +16,7 @@ from fastedit.arch import ArchSpec, capture, model_device
 from fastedit.editing.batching import pad_token_id, right_pad
 from fastedit.editing.subject import subject_last_index
 from fastedit.requests import EditRequest
+from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
 
 CHUNK = 64  # prompts per forward
 
@@ -40,20 +41,23 @@ def read_at_subject(
     """Inputs/outputs of named modules at the subject's last token: name -> (n_requests, n_contexts, width).
 
     Runs the contextual prompts in chunks and stops each forward after block ``stop_layer`` (the deepest
-    module read must sit in or below it).
+    module read must sit in or below it). Every read is at the subject's last token, which in a causal model
+    sees no later token: each prompt is cut after it, and prompts of similar length share a chunk (less padding).
     """
-    texts, positions = [], []
+    texts = []
     for req in requests:
         for template in contextual_prompts(req, contexts):
-            texts.append(tokenizer(template.replace("{}", req.subject, 1)).input_ids)
-            positions.append(subject_last_index(tokenizer, template, req.subject, req.case_id))
+            ids = tokenizer(template.replace("{}", req.subject, 1)).input_ids
+            texts.append(ids[: subject_last_index(tokenizer, template, req.subject, req.case_id) + 1])
     names = list(dict.fromkeys([*inputs_of, *outputs_of]))
     deepest = spec.path("block", stop_layer)
     out: dict[str, list[torch.Tensor]] = {f"in:{n}": [] for n in inputs_of} | {f"out:{n}": [] for n in outputs_of}
     device, pad = model_device(model), pad_token_id(tokenizer)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     for start in range(0, len(texts), CHUNK):
-        ids, mask = right_pad(texts[start : start + CHUNK], pad, device)
-        pos = torch.as_tensor(positions[start : start + CHUNK], device=device)
+        chunk = [texts[i] for i in order[start : start + CHUNK]]
+        ids, mask = right_pad(chunk, pad, device)
+        pos = torch.as_tensor([len(t) - 1 for t in chunk], device=device)
         rows = torch.arange(len(pos), device=device)
         with capture(model, names, inputs=bool(inputs_of), stop_after=deepest) as rec:
             model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -61,8 +65,10 @@ def read_at_subject(
             out[f"in:{n}"].append(rec[n].input[rows, pos].float())
         for n in outputs_of:
             out[f"out:{n}"].append(rec[n].output[rows, pos].float())
+    where = torch.empty(len(order), dtype=torch.long)
+    where[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))  # prompt i is row where[i]
     shape = (len(requests), len(contexts))
-    return {key: torch.cat(parts).view(*shape, -1) for key, parts in out.items()}
+    return {key: torch.cat(parts)[where.to(device)].view(*shape, -1) for key, parts in out.items()}
 
 
 def average_contexts(per_context: torch.Tensor) -> torch.Tensor:
@@ -82,8 +88,28 @@ def compute_keys(
     *,
     site: str | None = None,
     site_layer: int | None = None,
+    across_ranks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(K (B, d_k) averaged keys, k_bare (B, d_k), current site output at the bare prompt (B, d) or None)."""
+    """(K (B, d_k) averaged keys, k_bare (B, d_k), current site output at the bare prompt (B, d) or None).
+
+    ``across_ranks``: inside a process group each rank reads its contiguous share of the requests and every rank
+    receives all of them in request order (every rank must call it); with one rank it changes nothing.
+    """
+    rank, world = rank_and_world() if across_ranks else (0, 1)
+    if world > 1:
+        lo, hi = shard_bounds(len(requests), rank, world)
+        local = None
+        if hi > lo:
+            part = compute_keys(
+                model, tokenizer, spec, requests[lo:hi], layer, contexts, site=site, site_layer=site_layer
+            )
+            local = tuple(None if t is None else t.cpu() for t in part)
+        parts = [p for p in all_gather_objects(local) if p is not None]
+        device, first = model_device(model), parts[0]
+        keys, bare, current = (
+            None if first[j] is None else torch.cat([p[j] for p in parts]).to(device) for j in range(3)
+        )
+        return keys, bare, current
     key_name = spec.path("mlp_out", layer)
     read = read_at_subject(
         model,
