@@ -17,6 +17,13 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
+def inverse_order(order: Sequence[int]) -> torch.Tensor:
+    """``where`` with ``where[order[j]] = j``: the row at which item i sits after items were run in ``order``."""
+    where = torch.empty(len(order), dtype=torch.long)
+    where[torch.as_tensor(list(order), dtype=torch.long)] = torch.arange(len(order))
+    return where
+
+
 def right_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:

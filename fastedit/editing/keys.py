@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fastedit.arch import ArchSpec, capture, model_device
-from fastedit.editing.batching import pad_token_id, right_pad
+from fastedit.editing.batching import inverse_order, pad_token_id, right_pad
 from fastedit.editing.subject import subject_last_index
 from fastedit.requests import EditRequest
 from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
@@ -65,10 +65,9 @@ def read_at_subject(
             out[f"in:{n}"].append(rec[n].input[rows, pos].float())
         for n in outputs_of:
             out[f"out:{n}"].append(rec[n].output[rows, pos].float())
-    where = torch.empty(len(order), dtype=torch.long)
-    where[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))  # prompt i is row where[i]
+    where = inverse_order(order).to(device)  # prompt i's reads are row where[i]
     shape = (len(requests), len(contexts))
-    return {key: torch.cat(parts)[where.to(device)].view(*shape, -1) for key, parts in out.items()}
+    return {key: torch.cat(parts)[where].view(*shape, -1) for key, parts in out.items()}
 
 
 def average_contexts(per_context: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from fastedit.arch import ArchSpec, add_at_positions, capture, model_device
 from fastedit.config import config_to_dict
-from fastedit.editing.batching import anchor_pad, pad_token_id, right_pad
+from fastedit.editing.batching import anchor_pad, inverse_order, pad_token_id, right_pad
 from fastedit.editing.hparams import EditHparams, is_v_star_setting
 from fastedit.editing.keys import contextual_prompts
 from fastedit.editing.replay import LayerReplay
@@ -182,8 +182,7 @@ class ValueResult:
 
     def reordered(self, order: Sequence[int]) -> ValueResult:
         """Back to request order when request ``order[j]`` is row j here (a permutation of range(B))."""
-        where = torch.empty(len(order), dtype=torch.long)
-        where[torch.as_tensor(list(order), dtype=torch.long)] = torch.arange(len(order))
+        where = inverse_order(order)
         pick = lambda t: None if t is None else t[where.to(t.device)]  # noqa: E731
         info = [self.info[j] for j in where.tolist()]
         return ValueResult(pick(self.init), pick(self.targets), info, list(self.contexts), self.key, pick(self.delta))
