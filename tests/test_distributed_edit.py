@@ -25,7 +25,7 @@ from fastedit.editing.hparams import EditHparams
 from fastedit.editing.patch import Patch
 from fastedit.editing.workers import run_in_workers
 from fastedit.requests import as_requests
-from fastedit.stats.distributed import shard_bounds
+from fastedit.stats.distributed import gather_shares, shard_bounds
 
 pytestmark = pytest.mark.distributed
 
@@ -56,6 +56,13 @@ def test_shard_bounds_cover_every_item_once():
             shares = [shard_bounds(n, rank, world) for rank in range(world)]
             assert [i for lo, hi in shares for i in range(lo, hi)] == list(range(n))
             assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
+
+
+def test_gather_shares_in_one_process_runs_the_whole_range_once():
+    calls = []
+    assert gather_shares(5, lambda lo, hi: calls.append((lo, hi)) or (lo, hi)) == [(0, 5)]
+    assert gather_shares(0, lambda lo, hi: calls.append((lo, hi))) == []
+    assert calls == [(0, 5)]  # nothing to do, nothing run
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from fastedit.arch import ArchSpec, capture, model_device
 from fastedit.editing.batching import inverse_order, pad_token_id, right_pad
 from fastedit.editing.subject import subject_last_index
 from fastedit.requests import EditRequest
-from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
+from fastedit.stats.distributed import gather_shares, rank_and_world
 
 CHUNK = 64  # prompts per forward
 
@@ -94,19 +94,17 @@ def compute_keys(
     ``across_ranks``: inside a process group each rank reads its contiguous share of the requests and every rank
     receives all of them in request order (every rank must call it); with one rank it changes nothing.
     """
-    rank, world = rank_and_world() if across_ranks else (0, 1)
-    if world > 1:
-        lo, hi = shard_bounds(len(requests), rank, world)
-        local = None
-        if hi > lo:
+    if across_ranks and rank_and_world()[1] > 1:
+
+        def share(lo: int, hi: int) -> tuple[torch.Tensor | None, ...]:
             part = compute_keys(
                 model, tokenizer, spec, requests[lo:hi], layer, contexts, site=site, site_layer=site_layer
             )
-            local = tuple(None if t is None else t.cpu() for t in part)
-        parts = [p for p in all_gather_objects(local) if p is not None]
-        device, first = model_device(model), parts[0]
+            return tuple(None if t is None else t.cpu() for t in part)
+
+        parts, device = gather_shares(len(requests), share), model_device(model)
         keys, bare, current = (
-            None if first[j] is None else torch.cat([p[j] for p in parts]).to(device) for j in range(3)
+            None if parts[0][j] is None else torch.cat([p[j] for p in parts]).to(device) for j in range(3)
         )
         return keys, bare, current
     key_name = spec.path("mlp_out", layer)

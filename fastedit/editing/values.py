@@ -50,7 +50,7 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.subject import subject_last_index
 from fastedit.errors import FasteditError
 from fastedit.requests import EditRequest
-from fastedit.stats.distributed import all_gather_objects, rank_and_world, shard_bounds
+from fastedit.stats.distributed import gather_shares, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +210,17 @@ def compute_values(
     """
     rank, world = rank_and_world() if across_ranks else (0, 1)
     if world > 1:
-        lo, hi = shard_bounds(len(requests), rank, world)
-        log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
-        local = None
-        if hi > lo:
-            share = requests[lo:hi]
-            local = compute_values(model, tokenizer, spec, share, site=site, layer=layer, contexts=contexts, hp=hp)
-            local = local.to("cpu")
-            for item in local.info:
+
+        def share(lo: int, hi: int) -> ValueResult:
+            log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
+            part = compute_values(
+                model, tokenizer, spec, requests[lo:hi], site=site, layer=layer, contexts=contexts, hp=hp
+            ).to("cpu")
+            for item in part.info:
                 item["rank"] = rank
-        return concat_values([p for p in all_gather_objects(local) if p is not None]).to(model_device(model))
+            return part
+
+        return concat_values(gather_shares(len(requests), share)).to(model_device(model))
     sites = [site] if isinstance(site, str) else list(site)
     if hp.v_mode == "batched":
         groups = chunks_by_width(tokenizer, requests, contexts, hp.kl_prompt)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -132,6 +132,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_shares(n: int, compute: Callable[[int, int], Any]) -> list[Any]:
+    """Each rank runs ``compute(lo, hi)`` on its contiguous share [lo, hi) of ``n`` items (`shard_bounds`);
+    every rank receives the non-empty shares' results in rank order, i.e. in item order. Results must be
+    picklable (tensors on the CPU). Outside a group: [compute(0, n)] (or [] when n is 0)."""
+    rank, world = rank_and_world()
+    lo, hi = shard_bounds(n, rank, world)
+    local = compute(lo, hi) if hi > lo else None
+    return [part for part in all_gather_objects(local) if part is not None]
 
 
 def all_ranks_agree(flag: bool) -> bool:
