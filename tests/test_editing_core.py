@@ -195,17 +195,22 @@ def test_hparams_files_load_and_model_file_wins():
     assert load_hparams("memit", "gpt2").layers == (13, 14, 15, 16, 17)
 
 
-def test_lite_hparams_change_only_the_v_star_settings():
-    """A ``<model>-lite.json`` is its model's file with a cheaper v*: same layers, λ and solve, so a comparison
-    of the two measures the v* settings alone (benchmarks/edit_speed.py --lite relies on it)."""
-    lites = sorted(HPARAMS_DIR.glob("*/*-lite.json"))
-    assert lites
-    for path in lites:
+def test_hparams_variants_change_only_the_v_star_settings():
+    """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``) is its model's file with a cheaper v*: same
+    layers, λ and solve, so a comparison of the two measures the v* settings alone (benchmarks/edit_speed.py
+    --lite relies on it)."""
+    variants = {}
+    for path in sorted(HPARAMS_DIR.glob("*/*-*.json")):
+        bases = [b for b in path.parent.glob("*.json") if path.stem.startswith(b.stem + "-")]
+        if bases:
+            variants[path] = max(bases, key=lambda b: len(b.stem))
+    assert {p.stem for p in variants} >= {"smollm2-135m-lite", "smollm2-135m-early-stop"}
+    for path, base in variants.items():
         method = path.parent.name
-        lite, full = load_hparams(method, "", path), load_hparams(method, path.stem.removesuffix("-lite"))
-        lite_d, full_d = config_to_dict(lite), config_to_dict(full)
-        assert any(lite_d[k] != full_d[k] for k in lite_d if is_v_star_setting(k)), path.name
-        assert differences_beyond_v_star(lite, full) == [], path.name
+        variant, full = load_hparams(method, "", path), load_hparams(method, "", base)
+        variant_d, full_d = config_to_dict(variant), config_to_dict(full)
+        assert any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
+        assert differences_beyond_v_star(variant, full) == [], path.name
 
 
 def test_values_key_shares_only_equal_targets():

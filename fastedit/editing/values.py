@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -401,6 +401,58 @@ class _NllAndKl(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _DeltaSearch:
+    """Adam on δ = u · scale for B requests at S sites (u, δ: (B, S, d)), one step at a time.
+
+    ``measure`` runs the forward of the requests in ``live`` (those whose rows the current reads hold) and returns
+    their (loss, NLL); ``step`` moves the active requests' δ and clamps ‖δ‖ ≤ clamp_norm_factor · ‖h‖ per site;
+    ``keep_rows_of`` rebuilds the reads for the active requests alone once they are few (``REBUILD_BELOW``).
+    A request's gradient comes from its own rows only and a converged one's is zero either way, so dropping its
+    rows leaves Adam's inputs unchanged (up to float noise)."""
+
+    def __init__(
+        self, build: Callable[[Sequence[int]], tuple[_Rows, _Reads]], reads: _Reads, rows: _Rows, hp: EditHparams
+    ) -> None:
+        self.build, self.hp = build, hp  # request indices -> their rows and reads (no site check)
+        self.h = reads.h  # (B, S, d)
+        self.kl_before = torch.log_softmax(reads.kl_before_logits[len(rows.read_row) :], -1)  # (B, V)
+        self.h_norm = self.h.norm(dim=2)  # (B, S)
+        rms = (self.h_norm / self.h.shape[2] ** 0.5)[..., None]
+        self.scale = rms if hp.v_lr_relative else torch.ones_like(rms)  # Adam's step is then relative to rms(h)
+        self.u = torch.zeros_like(self.h, requires_grad=True)
+        self.opt = torch.optim.Adam([self.u], lr=hp.v_lr)
+        self.live = torch.arange(len(self.h), device=self.h.device)
+        self.rows, self.reads = rows, reads
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.u * self.scale
+
+    def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss (b,), NLL (b,)) of the ``live`` requests at the current δ, with the graph for ``step``."""
+        part = self.delta[self.live]  # (b, S, d)
+        logits = self.reads.logits(part)
+        return _losses(logits, self.rows, self.kl_before[self.live], part, self.h_norm[self.live], self.hp)
+
+    def step(self, loss: torch.Tensor, active: torch.Tensor) -> None:
+        """One Adam step on the active requests' δ; converged ones keep the δ their last loss was measured at."""
+        frozen = self.u.detach().clone()
+        self.opt.zero_grad()
+        (loss * active[self.live]).sum().backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.u[~active] = frozen[~active]
+            norm = self.delta.norm(dim=2)  # (B, S)
+            limit = self.hp.clamp_norm_factor * self.h_norm
+            self.u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
+
+    def keep_rows_of(self, active: torch.Tensor) -> None:
+        """Rebuild the reads for the active requests once they are at most ``REBUILD_BELOW`` of the live ones."""
+        if int(active.sum()) <= REBUILD_BELOW * len(self.live):
+            self.live = active.nonzero().squeeze(1)
+            self.rows, self.reads = self.build(self.live.tolist())
+
+
 def _optimise(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -413,63 +465,42 @@ def _optimise(
     *,
     fast: bool,
 ) -> ValueResult:
-    """δ (B, S, d) for B requests at S sites by Adam; returns init/targets (B, S, d).
-
-    Converged requests keep their δ and leave the forward: once the requests still optimising are at most
-    ``REBUILD_BELOW`` of those whose rows a step runs, the rows are rebuilt for them alone (one no-grad forward).
-    A request's gradient comes from its own rows only and a converged one's is zero either way, so Adam sees the
-    same inputs and the targets equal those of a chunk that keeps every row (up to float noise).
-    """
+    """δ (B, S, d) for B requests at S sites by Adam (`_DeltaSearch`) until `_Stopping` says each is done;
+    returns init/targets (B, S, d). Converged requests keep their δ and leave the forward."""
     t0 = time.perf_counter()
-    rows = _build_rows(tokenizer, requests, contexts, hp.kl_prompt)
-    reads = _Reads(model, tokenizer, spec, rows, sites, layer, fast)
-    h, n_req = reads.h, len(requests)
-    kl_before = torch.log_softmax(reads.kl_before_logits[len(rows.read_row) :], -1)  # (B, V)
-    h_norm = h.norm(dim=2)  # (B, S)
-    scale = (h_norm / h.shape[2] ** 0.5)[..., None] if hp.v_lr_relative else torch.ones_like(h_norm)[..., None]
-    u = torch.zeros_like(h, requires_grad=True)  # δ = u · scale: Adam's step is then relative to rms(h)
-    opt = torch.optim.Adam([u], lr=hp.v_lr)
-    active = torch.ones(n_req, dtype=torch.bool, device=h.device)
-    stopping = _Stopping(hp)
+
+    def build(indices: Sequence[int], check: bool = False) -> tuple[_Rows, _Reads]:
+        rows = _build_rows(tokenizer, [requests[i] for i in indices], contexts, hp.kl_prompt)
+        return rows, _Reads(model, tokenizer, spec, rows, sites, layer, fast, check=check)
+
+    rows, reads = build(range(len(requests)), check=True)
+    search, stopping = _DeltaSearch(build, reads, rows, hp), _Stopping(hp)
+    n_req, device = len(requests), reads.h.device
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = torch.zeros(n_req, dtype=torch.long)
-    # The requests whose rows the current `step_reads` runs (all at first), and their loss / NLL when last run.
-    live, step_rows, step_reads = torch.arange(n_req, device=h.device), rows, reads
-    last_nll, last_loss = torch.zeros(n_req, device=h.device), torch.zeros(n_req, device=h.device)
+    last_nll, last_loss = torch.zeros(n_req, device=device), torch.zeros(n_req, device=device)
     first_nll = None
     for it in range(hp.v_num_grad_steps):
-        delta = u * scale
-        part = delta[live]  # (b, S, d)
-        loss, nll = _losses(step_reads.logits(part), step_rows, kl_before[live], part, h_norm[live], hp)  # (b,)
+        loss, nll = search.measure()  # (b,) for the live requests
         bad = ~torch.isfinite(loss)
         if bad.any():
-            case = requests[int(live[bad.nonzero()[0]])].case_id
+            case = requests[int(search.live[bad.nonzero()[0]])].case_id
             raise NonFiniteLossError(
                 f"case {case}: the v* loss became {loss[bad][0].item()} at step {it} at {', '.join(sites)}; "
                 "lower v_lr or clamp_norm_factor in the hparams, or check the model's dtype"
             )
-        last_nll[live], last_loss[live] = nll.detach(), loss.detach()
+        last_nll[search.live], last_loss[search.live] = nll.detach(), loss.detach()
         first_nll = last_nll.clone() if first_nll is None else first_nll
         steps[active.cpu()] = it + 1
         active &= ~stopping.done(last_loss.clone(), last_nll.clone())
         if not active.any() or it == hp.v_num_grad_steps - 1:
             break
-        frozen = u.detach().clone()
-        opt.zero_grad()
-        (loss * active[live]).sum().backward()
-        opt.step()
-        with torch.no_grad():
-            u[~active] = frozen[~active]  # converged requests keep the δ their last loss was measured at
-            norm = (u * scale).norm(dim=2)
-            limit = hp.clamp_norm_factor * h_norm
-            u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
-        if int(active.sum()) <= REBUILD_BELOW * len(live):
-            live = active.nonzero().squeeze(1)
-            step_rows = _build_rows(tokenizer, [requests[i] for i in live.tolist()], contexts, hp.kl_prompt)
-            step_reads = _Reads(model, tokenizer, spec, step_rows, sites, layer, fast, check=False)
+        search.step(loss, active)
+        search.keep_rows_of(active)
 
-    delta = (u * scale).detach()
+    h, delta = reads.h.detach(), search.delta.detach()
     # One site: z = h + δ. Several: each site's value in the final forward, upstream shifts included.
-    targets = h.detach() + delta if len(sites) == 1 else reads.site_values(delta)
+    targets = h + delta if len(sites) == 1 else reads.site_values(delta)
     elapsed = time.perf_counter() - t0
     assert first_nll is not None
     info = [
@@ -479,11 +510,11 @@ def _optimise(
             "nll_end": float(last_nll[r]),
             "loss_end": float(last_loss[r]),
             "steps": int(steps[r]),
-            "delta_over_h": float((delta[r].norm(dim=1) / h_norm[r]).mean()),
+            "delta_over_h": float((delta[r].norm(dim=1) / search.h_norm[r]).mean()),
             "seconds": elapsed / n_req,
         }
         for r, req in enumerate(requests)
     ]
     for item in info:
         log.debug("v* %s", item)
-    return ValueResult(init=h.detach(), targets=targets, info=info, delta=delta)
+    return ValueResult(init=h, targets=targets, info=info, delta=delta)
