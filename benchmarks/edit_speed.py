@@ -172,13 +172,13 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     values: dict[str, ValueResult] = {}
     threads = torch.get_num_threads()
-    rebuild_below = values_module.REBUILD_BELOW
+    narrow_below = values_module.NARROW_BELOW
     for mode in modes:
         workers = int(WORKERS.match(mode)[1]) if WORKERS.match(mode) else 1
         source = LITE if mode.startswith(LITE) else "base"
         hp = settings[source].replace(v_mode="batched" if workers > 1 or mode in (ALL_ROWS, LITE) else mode)
         mode_contexts = contexts[source]
-        values_module.REBUILD_BELOW = 0.0 if mode == ALL_ROWS else rebuild_below
+        values_module.NARROW_BELOW = 0.0 if mode == ALL_ROWS else narrow_below
         t0 = time.perf_counter()
         if workers > 1:
             per_worker = max(1, threads // workers)

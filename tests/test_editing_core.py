@@ -10,7 +10,7 @@ import torch
 from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
-from fastedit.arch import add_at_positions, arch_for, capture, mlp_out_matrix
+from fastedit.arch import add_at_positions, arch_for, capture, first_tensor, mlp_out_matrix
 from fastedit.config import config_to_dict
 from fastedit.editing import values as values_module
 from fastedit.editing.alphaedit import alphaedit_update
@@ -34,7 +34,7 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.rome import rome_update
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
 from fastedit.editing.template_neighbours import template_neighbour_keys, template_neighbour_requests
-from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, values_key
+from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, site_start_layer, values_key
 from fastedit.errors import ConfigError
 from fastedit.requests import EditRequest
 
@@ -574,9 +574,11 @@ def test_every_v_mode_stops_by_the_same_rules(tok):
     assert torch.allclose(runs["batched"].targets, ref, rtol=1e-3, atol=1e-3 * float(ref.norm(dim=1).max()))
 
 
-def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypatch):
-    """Batched v* drops converged requests' rows from later steps; the targets are those of keeping every row."""
-    model = peaked(tiny_model("llama"))
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypatch, family):
+    """Batched v* drops converged requests' rows from later steps by slicing the recorded forward (no second
+    recording); the targets are those of keeping every row. Gemma 3: per-layer sites and sliding-window caches."""
+    model = peaked(tiny_model(family))
     spec = arch_for(model)
     contexts = context_templates(model, tok, seeds=("The", "I"), length=5)
     requests = [
@@ -586,24 +588,31 @@ def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypat
     ]
     hp = hp_for("memit", v_mode="batched", v_nll_stop=0.5, v_num_grad_steps=30)
     site = edit_site(spec, hp)
-    runs, rows_per_step = {}, {}
-    for rebuild in (0.0, 0.5):  # 0: every row to the end (the behaviour before rows were dropped)
-        monkeypatch.setattr(values_module, "REBUILD_BELOW", rebuild)
+    runs, rows_per_step, recordings = {}, {}, {}
+    for narrow in (0.0, 1.0):  # 0: every row to the end
+        monkeypatch.setattr(values_module, "NARROW_BELOW", narrow)
         seen: list[int] = []
-        handle = model.model.layers[1].register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(len(out[0])))
+        embedded: list[int] = []  # the embeddings run only when a forward is recorded
+        hooks = [
+            model.model.layers[-1].register_forward_hook(lambda _m, _a, out, s=seen: s.append(len(first_tensor(out)))),
+            model.get_input_embeddings().register_forward_hook(lambda *_, e=embedded: e.append(1)),
+        ]
         try:
-            runs[rebuild] = compute_values(model, tok, spec, requests, site=site, layer=1, contexts=contexts, hp=hp)
+            layer = site_start_layer(spec, hp)
+            runs[narrow] = compute_values(model, tok, spec, requests, site=site, layer=layer, contexts=contexts, hp=hp)
         finally:
-            handle.remove()
-        rows_per_step[rebuild] = seen
-    steps = [item["steps"] for item in runs[0.5].info]
+            for handle in hooks:
+                handle.remove()
+        rows_per_step[narrow], recordings[narrow] = seen, len(embedded)
+    steps = [item["steps"] for item in runs[1.0].info]
     assert min(steps) < max(steps) < 30  # one request converges early, one late, all before the step limit
     assert steps == [item["steps"] for item in runs[0.0].info]
-    assert len(set(rows_per_step[0.0][1:])) == 1  # steps all run the same rows without dropping
-    assert rows_per_step[0.5][-2] < rows_per_step[0.5][1] // 2 + 1  # late steps run about half the rows or fewer
+    assert len(set(rows_per_step[0.0][2:])) == 1  # steps all run the same rows without dropping
+    assert rows_per_step[1.0][-2] < rows_per_step[1.0][2]  # late steps run fewer rows
+    assert recordings[1.0] == recordings[0.0] == 2  # one prefix pass and one suffix pass, however rows drop
     ref = runs[0.0].targets
-    assert float((runs[0.5].targets - ref).abs().max() / ref.abs().max()) <= 1e-5
-    for a, b in zip(runs[0.5].info, runs[0.0].info, strict=True):
+    assert float((runs[1.0].targets - ref).abs().max() / ref.abs().max()) <= 1e-5
+    for a, b in zip(runs[1.0].info, runs[0.0].info, strict=True):
         assert a["nll_end"] == pytest.approx(b["nll_end"], rel=1e-5, abs=1e-6)
 
 

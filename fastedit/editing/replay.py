@@ -18,6 +18,7 @@ recorded inputs are replayed and the cache is transformers' own `DynamicCache` (
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from typing import Any
 
@@ -91,6 +92,25 @@ class LayerReplay:
         args, kwargs = self.calls[0]
         self.hidden_in = (args[0] if args else kwargs["hidden_states"]).detach()
 
+    def select_rows(self, index: torch.Tensor) -> LayerReplay:
+        """A replay of the recorded rows ``index`` (1-D, ascending) alone, without running anything again.
+
+        Every recorded per-row tensor (dim 0 of size n and at least 2-D: the hidden state, masks, rotary tables,
+        position ids) and the cached prefix's keys/values (n, heads, P, d_head) are sliced; what is shared by all
+        rows (cache positions, 0-d tensors, scalars) is kept. The rows keep their padded width."""
+        assert self.hidden_in is not None, "call record() first"
+        n = self.hidden_in.shape[0]
+        new = copy.copy(self)
+        if self.cache is not None:
+            new.cache = copy.copy(self.cache)
+            new.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            new._prefix_state = [_rows_of(state, index, n, {}) for state in self._prefix_state]
+            new._reset_cache()
+        swap = {} if self.cache is None else {id(self.cache): new.cache}
+        new.calls = [_rows_of(call, index, n, swap) for call in self.calls]
+        new.hidden_in = self.hidden_in.index_select(0, index)
+        return new
+
     def _run_layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> None:
         """One forward through every layer, stopped before the final norm and head (no logits needed)."""
 
@@ -132,6 +152,21 @@ class LayerReplay:
             self._reset_cache()  # the autograd graph keeps what this pass appended; the cache must not
         picked = hidden[rows, positions]  # (m, d_model): the final norm and head act per position
         return head_logits(self.model, self.spec, picked, self.softcap)
+
+
+def _rows_of(value: Any, index: torch.Tensor, n: int, swap: dict[int, Any]) -> Any:
+    """``value`` with every tensor of n rows (dim 0 of size n, at least 2-D) reduced to rows ``index``, through
+    tuples, lists and dicts; objects whose id is in ``swap`` are replaced (the cache by its sliced copy)."""
+    if id(value) in swap:
+        return swap[id(value)]
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index) if value.ndim >= 2 and value.shape[0] == n else value
+    if isinstance(value, tuple | list):
+        items = [_rows_of(v, index, n, swap) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # named tuples too
+    if isinstance(value, dict):
+        return {k: _rows_of(v, index, n, swap) for k, v in value.items()}
+    return value
 
 
 def head_logits(model: torch.nn.Module, spec: ArchSpec, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:

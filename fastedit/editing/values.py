@@ -21,7 +21,7 @@ not in the targets an hparams file asks for.
 forward/backward per step): Adam is per coordinate, so the targets equal "fast"'s; with the prefix cached a step's
 matrices have ~20 rows per request and cost about what reading the weights costs, which the chunk shares
 (1.2-1.4× faster than "fast" per request on one CPU thread, SmolLM2 and Gemma 3, 16 requests). A chunk's
-converged requests leave its forward (``REBUILD_BELOW``), so a chunk costs less as its requests converge, and
+converged requests leave its forward (``NARROW_BELOW``), so a chunk costs less as its requests converge, and
 requests of similar row width share a chunk (``chunks_by_width``), so little of a step is spent on padding.
 
 ``compute_values(..., across_ranks=True)`` splits the requests across the ranks of a process group (torchrun, or
@@ -31,6 +31,7 @@ requests of similar row width share a chunk (``chunks_by_width``), so little of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -55,10 +56,10 @@ from fastedit.stats.distributed import gather_shares, rank_and_world
 log = logging.getLogger(__name__)
 
 BATCH_CHUNK = 16  # requests optimised together in "batched" mode (bounds the logits memory on large vocabs)
-# A chunk's rows are rebuilt for its unconverged requests once those are at most this share of the requests whose
-# rows a step runs (0 keeps every row to the end). A rebuild costs about one step; at 1/2 a chunk of 16 rebuilds
-# at most 4 times and never runs more than twice the rows it needs.
-REBUILD_BELOW = 0.5
+# A step's rows are narrowed to the unconverged requests once those are fewer than this share of the requests
+# whose rows it runs (0 keeps every row to the end). Narrowing slices the recorded forward (milliseconds against a
+# step's ~second), so it happens as soon as one request converges.
+NARROW_BELOW = 1.0
 
 
 class NonFiniteLossError(FasteditError):
@@ -261,16 +262,11 @@ class _Reads:
         sites: Sequence[str],
         layer: int,
         fast: bool,
-        check: bool = True,
     ) -> None:
         self.model, self.sites = model, list(sites)
         device = model_device(model)
-        t = lambda values: torch.as_tensor(values, device=device)  # noqa: E731
-        self.owner = t(rows.owner)
-        self.rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
-        self.pos = torch.cat([t(rows.read_pos), t(rows.sub_pos)[t(rows.kl_row)]])  # token indices in each row
-        self.bare = t(rows.bare_row)
         self.replay = LayerReplay(model, spec, layer) if fast else None
+        self._index(rows)
         # One no-grad forward: h at each site (bare prompts), and (fast modes) the input of the layers to replay.
         with capture(model, self.sites) as rec:
             if self.replay is not None:
@@ -279,16 +275,38 @@ class _Reads:
                 # on, where the subject token is column 0 and a read at token index p is column p - sub_pos[row].
                 batch = anchor_pad(rows.ids, rows.sub_pos, pad_token_id(tokenizer), device)
                 self.replay.record(batch.ids, batch.mask, position_ids=batch.position_ids, prefix_len=batch.prefix_len)
-                self.pos = self.pos - t(rows.sub_pos)[self.rows]
-                self.sub_pos = torch.zeros_like(self.owner)
             else:
                 self.ids, self.mask = right_pad(rows.ids, pad_token_id(tokenizer), device)
-                self.sub_pos = t(rows.sub_pos)
                 with torch.no_grad():
                     model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         self.h = self.at_bare(rec)  # (B, S, d)
-        if check:  # also sets kl_before_logits; a rebuild for fewer requests already has both
-            self._check_sites_fire(layer)
+        self._check_sites_fire(layer)  # also sets kl_before_logits
+
+    def _index(self, rows: _Rows) -> None:
+        """Where each row's δ goes and where the loss reads logits, for ``rows``: (row, column) of the m target
+        reads then the B KL reads. Replayed rows are aligned at the subject's last token, which is their column 0,
+        so a read at token index p is column p − sub_pos[row]; full rows are read at p."""
+        t = lambda values: torch.as_tensor(values, device=model_device(self.model))  # noqa: E731
+        self.owner, self.bare, sub_pos = t(rows.owner), t(rows.bare_row), t(rows.sub_pos)
+        self.rows = torch.cat([t(rows.read_row), t(rows.kl_row)])
+        self.pos = torch.cat([t(rows.read_pos), sub_pos[t(rows.kl_row)]])  # token indices in each row
+        if self.replay is not None:
+            self.pos, sub_pos = self.pos - sub_pos[self.rows], torch.zeros_like(sub_pos)
+        self.sub_pos = sub_pos
+
+    def select(self, requests: torch.Tensor, rows: _Rows) -> _Reads:
+        """The reads of ``requests`` (ascending indices into this one's requests) alone, ``rows`` being their
+        `_build_rows`: the recorded forward is sliced to their rows instead of run again (a recording costs more
+        than a step). The rows keep this one's padded width."""
+        keep = torch.isin(self.owner, requests).nonzero().squeeze(1)  # their rows, in row order
+        new = copy.copy(self)
+        if self.replay is not None:
+            new.replay = self.replay.select_rows(keep)
+        else:
+            new.ids, new.mask = self.ids[keep], self.mask[keep]
+        new._index(rows)
+        new.h = self.h[requests]
+        return new
 
     def at_bare(self, rec: dict[str, Any]) -> torch.Tensor:
         """Each site's captured output at the bare prompts' subject token: (B, S, d), float32."""
@@ -406,14 +424,12 @@ class _DeltaSearch:
 
     ``measure`` runs the forward of the requests in ``live`` (those whose rows the current reads hold) and returns
     their (loss, NLL); ``step`` moves the active requests' δ and clamps ‖δ‖ ≤ clamp_norm_factor · ‖h‖ per site;
-    ``keep_rows_of`` rebuilds the reads for the active requests alone once they are few (``REBUILD_BELOW``).
+    ``keep_rows_of`` narrows the reads to the active requests once some have converged (``NARROW_BELOW``).
     A request's gradient comes from its own rows only and a converged one's is zero either way, so dropping its
     rows leaves Adam's inputs unchanged (up to float noise)."""
 
-    def __init__(
-        self, build: Callable[[Sequence[int]], tuple[_Rows, _Reads]], reads: _Reads, rows: _Rows, hp: EditHparams
-    ) -> None:
-        self.build, self.hp = build, hp  # request indices -> their rows and reads (no site check)
+    def __init__(self, rows_of: Callable[[Sequence[int]], _Rows], reads: _Reads, rows: _Rows, hp: EditHparams) -> None:
+        self.rows_of, self.hp = rows_of, hp  # request indices -> their rows
         self.h = reads.h  # (B, S, d)
         self.kl_before = torch.log_softmax(reads.kl_before_logits[len(rows.read_row) :], -1)  # (B, V)
         self.h_norm = self.h.norm(dim=2)  # (B, S)
@@ -447,10 +463,12 @@ class _DeltaSearch:
             self.u.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[..., None])
 
     def keep_rows_of(self, active: torch.Tensor) -> None:
-        """Rebuild the reads for the active requests once they are at most ``REBUILD_BELOW`` of the live ones."""
-        if int(active.sum()) <= REBUILD_BELOW * len(self.live):
+        """Narrow the reads to the active requests once they are fewer than ``NARROW_BELOW`` of the live ones."""
+        if int(active.sum()) < NARROW_BELOW * len(self.live):
+            stay = active[self.live].nonzero().squeeze(1)  # which live requests stay, as indices into the reads
             self.live = active.nonzero().squeeze(1)
-            self.rows, self.reads = self.build(self.live.tolist())
+            self.rows = self.rows_of(self.live.tolist())
+            self.reads = self.reads.select(stay, self.rows)
 
 
 def _optimise(
@@ -469,12 +487,12 @@ def _optimise(
     returns init/targets (B, S, d). Converged requests keep their δ and leave the forward."""
     t0 = time.perf_counter()
 
-    def build(indices: Sequence[int], check: bool = False) -> tuple[_Rows, _Reads]:
-        rows = _build_rows(tokenizer, [requests[i] for i in indices], contexts, hp.kl_prompt)
-        return rows, _Reads(model, tokenizer, spec, rows, sites, layer, fast, check=check)
+    def rows_of(indices: Sequence[int]) -> _Rows:
+        return _build_rows(tokenizer, [requests[i] for i in indices], contexts, hp.kl_prompt)
 
-    rows, reads = build(range(len(requests)), check=True)
-    search, stopping = _DeltaSearch(build, reads, rows, hp), _Stopping(hp)
+    rows = rows_of(range(len(requests)))
+    reads = _Reads(model, tokenizer, spec, rows, sites, layer, fast)
+    search, stopping = _DeltaSearch(rows_of, reads, rows, hp), _Stopping(hp)
     n_req, device = len(requests), reads.h.device
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = torch.zeros(n_req, dtype=torch.long)
