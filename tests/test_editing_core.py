@@ -587,7 +587,7 @@ def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypat
         EditRequest("3", "The {} flows through", "Nile", "Japan", "Egypt"),
     ]
     hp = hp_for("memit", v_mode="batched", v_nll_stop=0.5, v_num_grad_steps=30)
-    site = edit_site(spec, hp)
+    site, layer = edit_site(spec, hp), site_start_layer(spec, hp)
     runs, rows_per_step, recordings = {}, {}, {}
     for narrow in (0.0, 1.0):  # 0: every row to the end
         monkeypatch.setattr(values_module, "NARROW_BELOW", narrow)
@@ -598,7 +598,6 @@ def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypat
             model.get_input_embeddings().register_forward_hook(lambda *_, e=embedded: e.append(1)),
         ]
         try:
-            layer = site_start_layer(spec, hp)
             runs[narrow] = compute_values(model, tok, spec, requests, site=site, layer=layer, contexts=contexts, hp=hp)
         finally:
             for handle in hooks:

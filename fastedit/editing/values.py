@@ -295,17 +295,15 @@ class _Reads:
         self.sub_pos = sub_pos
 
     def select(self, requests: torch.Tensor, rows: _Rows) -> _Reads:
-        """The reads of ``requests`` (ascending indices into this one's requests) alone, ``rows`` being their
-        `_build_rows`: the recorded forward is sliced to their rows instead of run again (a recording costs more
-        than a step). The rows keep this one's padded width."""
+        """The replayed reads of ``requests`` (ascending indices into this one's requests) alone, ``rows`` being
+        their `_build_rows`: the recorded forward is sliced to their rows instead of run again (a recording costs
+        more than a step). The rows keep this one's padded width. For ``logits`` only: h and the KL reference
+        stay with the caller (`_DeltaSearch`), as do the full reads for ``site_values``."""
+        assert self.replay is not None, "only replayed (batched) reads are narrowed"
         keep = torch.isin(self.owner, requests).nonzero().squeeze(1)  # their rows, in row order
         new = copy.copy(self)
-        if self.replay is not None:
-            new.replay = self.replay.select_rows(keep)
-        else:
-            new.ids, new.mask = self.ids[keep], self.mask[keep]
+        new.replay = self.replay.select_rows(keep)
         new._index(rows)
-        new.h = self.h[requests]
         return new
 
     def at_bare(self, rec: dict[str, Any]) -> torch.Tensor:
