@@ -609,10 +609,24 @@ def test_converged_requests_leave_the_batch_with_the_same_targets(tok, monkeypat
     assert len(set(rows_per_step[0.0][2:])) == 1  # steps all run the same rows without dropping
     assert rows_per_step[1.0][-2] < rows_per_step[1.0][2]  # late steps run fewer rows
     assert recordings[1.0] == recordings[0.0] == 2  # one prefix pass and one suffix pass, however rows drop
+    # Every other forward is a step's (the KL reference comes from the first, unedited one), plus, with per-layer
+    # sites, the one that reads each site's final value.
+    final = 1 if isinstance(site, tuple) else 0
+    assert len(rows_per_step[1.0]) == recordings[1.0] + max(steps) + final
     ref = runs[0.0].targets
     assert float((runs[1.0].targets - ref).abs().max() / ref.abs().max()) <= 1e-5
     for a, b in zip(runs[1.0].info, runs[0.0].info, strict=True):
         assert a["nll_end"] == pytest.approx(b["nll_end"], rel=1e-5, abs=1e-6)
+
+
+def test_a_v_star_site_below_the_replayed_layers_is_a_clear_error(tok):
+    """A δ at a site the replay never runs would change nothing: v* refuses it instead of returning h."""
+    model = tiny_model("llama")
+    spec = arch_for(model)
+    contexts = context_templates(model, tok, seeds=("The",), length=5)
+    hp = hp_for("memit", v_mode="batched")
+    with pytest.raises(ValueError, match="below the replay start layer 1"):
+        compute_values(model, tok, spec, REQUESTS, site=spec.path("block", 0), layer=1, contexts=contexts, hp=hp)
 
 
 def test_v_star_loss_and_its_gradient_match_the_plain_formula():

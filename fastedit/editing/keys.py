@@ -94,7 +94,8 @@ def compute_keys(
     ``across_ranks``: inside a process group each rank reads its contiguous share of the requests and every rank
     receives all of them in request order (every rank must call it); with one rank it changes nothing.
     """
-    if across_ranks and rank_and_world()[1] > 1:
+    world = rank_and_world()[1] if across_ranks else 1
+    if world > 1:
 
         def share(lo: int, hi: int) -> tuple[torch.Tensor | None, ...]:
             part = compute_keys(

@@ -280,7 +280,7 @@ class _Reads:
                 with torch.no_grad():
                     model(input_ids=self.ids, attention_mask=self.mask, use_cache=False)
         self.h = self.at_bare(rec)  # (B, S, d)
-        self._check_sites_fire(layer)  # also sets kl_before_logits
+        self.layer = layer
 
     def _index(self, rows: _Rows) -> None:
         """Where each row's δ goes and where the loss reads logits, for ``rows``: (row, column) of the m target
@@ -329,21 +329,25 @@ class _Reads:
             self.logits(delta)
         return self.at_bare(rec) + delta
 
-    def _check_sites_fire(self, layer: int) -> None:
+    def checked_logits(self, delta: torch.Tensor) -> torch.Tensor:
+        """`logits`, raising a clear error when a site's module did not run in it (it lies below the replayed
+        layers, so a δ there would change nothing)."""
         fired = dict.fromkeys(self.sites, 0)
         counters = [
             self.model.get_submodule(name).register_forward_hook(lambda *_, name=name: fired.__setitem__(name, 1))
             for name in self.sites
         ]
         try:
-            with torch.no_grad():
-                self.kl_before_logits = self.logits(torch.zeros_like(self.h))
+            logits = self.logits(delta)
         finally:
             for handle in counters:
                 handle.remove()
         if not all(fired.values()):
             missing = [name for name, n in fired.items() if not n]
-            raise ValueError(f"v* sites {missing} lie below the replay start layer {layer}; pass the lowest site layer")
+            raise ValueError(
+                f"v* sites {missing} lie below the replay start layer {self.layer}; pass the lowest site layer"
+            )
+        return logits
 
 
 class _Stopping:
@@ -429,7 +433,7 @@ class _DeltaSearch:
     def __init__(self, rows_of: Callable[[Sequence[int]], _Rows], reads: _Reads, rows: _Rows, hp: EditHparams) -> None:
         self.rows_of, self.hp = rows_of, hp  # request indices -> their rows
         self.h = reads.h  # (B, S, d)
-        self.kl_before = torch.log_softmax(reads.kl_before_logits[len(rows.read_row) :], -1)  # (B, V)
+        self.kl_before: torch.Tensor | None = None  # (B, V) log p at the KL prompts before any δ: first measure
         self.h_norm = self.h.norm(dim=2)  # (B, S)
         rms = (self.h_norm / self.h.shape[2] ** 0.5)[..., None]
         self.scale = rms if hp.v_lr_relative else torch.ones_like(rms)  # Adam's step is then relative to rms(h)
@@ -445,7 +449,13 @@ class _DeltaSearch:
     def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss (b,), NLL (b,)) of the ``live`` requests at the current δ, with the graph for ``step``."""
         part = self.delta[self.live]  # (b, S, d)
-        logits = self.reads.logits(part)
+        if self.kl_before is None:
+            # δ is still 0 and every request live: this forward is the unedited one, so the KL reference is read
+            # from it instead of from a forward of its own.
+            logits = self.reads.checked_logits(part)
+            self.kl_before = torch.log_softmax(logits[len(self.rows.read_row) :].detach(), -1)
+        else:
+            logits = self.reads.logits(part)
         return _losses(logits, self.rows, self.kl_before[self.live], part, self.h_norm[self.live], self.hp)
 
     def step(self, loss: torch.Tensor, active: torch.Tensor) -> None:

@@ -84,7 +84,7 @@ def _device() -> torch.device:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Σ over ranks, in place (returns the tensor)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         moved = tensor.to(_device())
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         if moved is not tensor:
@@ -97,7 +97,7 @@ def broadcast_rows(rows: list[torch.Tensor] | None) -> list[torch.Tensor] | None
 
     Rank 0 passes None when it failed to build them: every rank then returns None (and raises), none hangs.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_distributed():
         return rows
     device = _device()
     rank = dist.get_rank()
@@ -163,5 +163,5 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
