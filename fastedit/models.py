@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fastedit.atomic import atomic_folder, write_text, write_with
+from fastedit.atomic import atomic_folder, is_occupied, write_text, write_with
 from fastedit.errors import ConfigError, ModelLoadError, OutputError
 
 # A missing local path otherwise costs ~23 s of hub retries; hub ids switch this off explicitly when reachable.
@@ -318,38 +318,49 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+SOURCE_RECORD = "fastedit_source.json"  # which package and GGUF a converted folder came from
+
+
 def _convert_packaged(alias: str) -> Path:
     """GGUF -> safetensors folder, written to a temp folder and renamed (never half-written)."""
     from fastedit.progress import phases
 
     folder = _converted_folder(alias)
-    if (folder / "config.json").exists():
+    if _is_converted(folder):
         return folder
+    stale = is_occupied(folder)
+    if stale:  # e.g. files lost in a crash after the rename: a folder that never loads, so it is replaced
+        log.warning("the converted %s in %s is incomplete (no %s); converting again", alias, folder, SOURCE_RECORD)
     log.info("converting the packaged %s GGUF to safetensors once (minutes on a CPU; later loads take seconds)", alias)
     with phases(f"converting {alias}", ["locate GGUF", "parse + dequantise GGUF", "write safetensors"]) as step:
         gguf = packaged_gguf(alias)
         step("parse + dequantise GGUF")
         model, tokenizer = _load_gguf(gguf, torch.float32)
         step("write safetensors")
-        _save_converted(alias, model, tokenizer, folder)
+        _save_converted(alias, model, tokenizer, folder, replace=stale)
         step()
     log.info("converted %s to %s", alias, folder)
     return folder
 
 
-def _save_converted(alias: str, model: Any, tokenizer: Any, folder: Path) -> None:
+def _is_converted(folder: Path) -> bool:
+    # The source record is written last, into the temp folder that is renamed into place whole.
+    return (folder / "config.json").is_file() and (folder / SOURCE_RECORD).is_file()
+
+
+def _save_converted(alias: str, model: Any, tokenizer: Any, folder: Path, *, replace: bool = False) -> None:
     # transformers refuses to save a model flagged as gguf-quantized; its weights are plain float32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     source = {"alias": alias, "package": PACKAGED[alias].package, "gguf": PACKAGED[alias].gguf_name}
     try:
-        with atomic_folder(folder) as tmp:
+        with atomic_folder(folder, overwrite=replace) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            write_text(tmp / "fastedit_source.json", json.dumps(source))
+            write_text(tmp / SOURCE_RECORD, json.dumps(source))
     except OutputError:  # another process converted it meanwhile
-        if not (folder / "config.json").exists():
+        if not _is_converted(folder):
             raise
 
 

@@ -110,3 +110,27 @@ def test_device_and_dtype_are_checked_before_loading():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no such CUDA device"):
             placement("cuda")
+
+
+def test_an_incomplete_converted_folder_is_converted_again(monkeypatch, tmp_path):
+    """A converted folder missing its files (e.g. lost in a crash) must not block every later load."""
+    import fastedit.models as models
+
+    monkeypatch.setenv("FASTEDIT_CACHE_DIR", str(tmp_path))
+    conversions = []
+
+    def parse(path, dtype):  # stands in for the GGUF parse; the folder handling under test is the real one
+        conversions.append(path)
+        return tiny_model("llama"), tiny_tokenizer()
+
+    monkeypatch.setattr(models, "packaged_gguf", lambda alias: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "_load_gguf", parse)
+    folder = models._converted_folder("smollm2-135m")
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")  # what a crash can leave: the folder, not all its files
+
+    assert load_config("smollm2-135m").intermediate_size == 40
+    assert len(conversions) == 1
+    assert (folder / "config.json").is_file() and (folder / models.SOURCE_RECORD).is_file()
+    assert load_config("smollm2-135m").intermediate_size == 40  # complete now: read, not converted again
+    assert len(conversions) == 1
