@@ -689,7 +689,11 @@ def test_batched_chunks_hold_requests_of_similar_width_and_targets_come_back_in_
     assert [item["case_id"] for item in runs["batched"].info] == [r.case_id for r in requests]
     ref = runs["fast"].targets
     assert float((runs["batched"].targets - ref).abs().max() / ref.abs().max()) <= 1e-4
-    assert torch.equal(runs["batched"].init, runs["fast"].init)
+    # The same forward in another batch shape: equal up to float rounding (BLAS blocking varies with the shape and
+    # the load), while another request's row or another order would differ by the rows' own scale.
+    init = runs["fast"].init
+    assert float((runs["batched"].init - init).abs().max() / init.abs().max()) <= 1e-5
+    assert float((init[[1, 0, 3, 2]] - init).abs().max() / init.abs().max()) > 1e-2
 
 
 def test_keys_are_read_at_the_subject_token_of_the_whole_prompt(tok):
