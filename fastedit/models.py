@@ -214,13 +214,19 @@ WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.ind
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
 
 
-def _check_folder_files(folder: Path) -> None:
-    """A saved model folder has weights and tokenizer files next to config.json (named, not a traceback)."""
+def _missing_files(folder: Path) -> list[str]:
+    """What a saved model folder lacks of its weights and tokenizer files (empty when both are there)."""
     missing = []
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
         missing.append("weights (*.safetensors or *.bin)")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         missing.append("tokenizer files (tokenizer.json or tokenizer_config.json + vocabulary)")
+    return missing
+
+
+def _check_folder_files(folder: Path) -> None:
+    """A saved model folder has weights and tokenizer files next to config.json (named, not a traceback)."""
+    missing = _missing_files(folder)
     if missing:
         raise ModelLoadError(
             f"model folder {str(folder)!r} has no {' and no '.join(missing)}; save both the model and its "
@@ -330,7 +336,7 @@ def _convert_packaged(alias: str) -> Path:
         return folder
     stale = is_occupied(folder)
     if stale:  # e.g. files lost in a crash after the rename: a folder that never loads, so it is replaced
-        log.warning("the converted %s in %s is incomplete (no %s); converting again", alias, folder, SOURCE_RECORD)
+        log.warning("the converted %s in %s is incomplete; converting again", alias, folder)
     log.info("converting the packaged %s GGUF to safetensors once (minutes on a CPU; later loads take seconds)", alias)
     with phases(f"converting {alias}", ["locate GGUF", "parse + dequantise GGUF", "write safetensors"]) as step:
         gguf = packaged_gguf(alias)
@@ -344,8 +350,10 @@ def _convert_packaged(alias: str) -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    # The source record is written last, into the temp folder that is renamed into place whole.
-    return (folder / "config.json").is_file() and (folder / SOURCE_RECORD).is_file()
+    # The folder is renamed into place whole, but without an fsync a crash can still lose any of its files: check
+    # every kind a load needs, not only the source record written last.
+    files = (folder / "config.json", folder / SOURCE_RECORD)
+    return all(f.is_file() for f in files) and not _missing_files(folder)
 
 
 def _save_converted(alias: str, model: Any, tokenizer: Any, folder: Path, *, replace: bool = False) -> None:

@@ -112,7 +112,8 @@ def test_device_and_dtype_are_checked_before_loading():
             placement("cuda")
 
 
-def test_an_incomplete_converted_folder_is_converted_again(monkeypatch, tmp_path):
+@pytest.mark.parametrize("left", [["model.safetensors"], ["config.json", "fastedit_source.json"]])
+def test_an_incomplete_converted_folder_is_converted_again(monkeypatch, tmp_path, left):
     """A converted folder missing its files (e.g. lost in a crash) must not block every later load."""
     import fastedit.models as models
 
@@ -127,7 +128,8 @@ def test_an_incomplete_converted_folder_is_converted_again(monkeypatch, tmp_path
     monkeypatch.setattr(models, "_load_gguf", parse)
     folder = models._converted_folder("smollm2-135m")
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"")  # what a crash can leave: the folder, not all its files
+    for name in left:  # what a crash can leave: the folder, not all its files
+        (folder / name).write_bytes(b"")
 
     assert load_config("smollm2-135m").intermediate_size == 40
     assert len(conversions) == 1
