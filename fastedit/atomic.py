@@ -4,6 +4,8 @@ A file is written to a hidden temp file in the same folder and renamed over the 
 on one filesystem); ``overwrite=False`` instead links the temp file to the target, which fails if the target
 exists, so an earlier result is never replaced unasked even by a concurrent writer. A folder is written into a
 hidden temp folder (`atomic_folder`) and renamed into place at the end; an interrupt removes the temp folder.
+Before a rename the new files' contents are flushed to the disk (fsync), and the rename itself after it: a rename
+can otherwise reach the disk before the data, and a crash then leaves a complete-looking name over empty files.
 """
 
 from __future__ import annotations
@@ -31,8 +33,37 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk; folders that cannot be opened (Windows) are not."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not path.is_dir() or exc.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then every folder from the deepest up (entries before their parent)."""
+    folders = [folder]
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        folders.extend(Path(root) / d for d in dirs)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+
+
 def _commit_file(tmp: Path, path: Path, overwrite: bool) -> None:
     os.chmod(tmp, file_mode())
+    _fsync(tmp)
     if overwrite:
         os.replace(tmp, path)
         return
@@ -58,6 +89,7 @@ def write_with(path: str | Path, writer: Callable[[Path], Any], *, overwrite: bo
     try:
         writer(tmp)
         _commit_file(tmp, path, overwrite)
+        _fsync(path.parent)  # the new name
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -135,7 +167,9 @@ def atomic_folder(target: str | Path, *, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        _fsync_tree(tmp)
         _commit_folder(tmp, target, overwrite)
+        _fsync(target.parent)  # the new name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

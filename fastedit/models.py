@@ -350,8 +350,8 @@ def _convert_packaged(alias: str) -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    # The folder is renamed into place whole, but without an fsync a crash can still lose any of its files: check
-    # every kind a load needs, not only the source record written last.
+    # The folder is flushed to the disk and renamed into place whole, but a folder written by an older version (no
+    # fsync) or damaged later can still miss files: check every kind a load needs, not only the source record.
     files = (folder / "config.json", folder / SOURCE_RECORD)
     return all(f.is_file() for f in files) and not _missing_files(folder)
 
