@@ -5,11 +5,14 @@ Starting a process costs ~10 s of imports, so the tests that start some are mark
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,57 @@ def test_a_workers_error_is_one_line(tmp_path, text_corpus):
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: ") and "Traceback" not in result.output and "layer" in result.output
     assert not (tmp_path / "x").exists()
+
+
+SLEEPER = """
+import os, time
+from pathlib import Path
+
+def sleep_long(folder):
+    Path(folder, f"worker{os.getpid()}.pid").write_text("")
+    time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for an init that does not reap counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from sleeper import sleep_long\n"
+        "from fastedit.editing.workers import run_in_workers\n"
+        f"if __name__ == '__main__': run_in_workers(sleep_long, {str(tmp_path)!r}, 2)\n"
+    )
+    (tmp_path / "parent.py").write_text(script)
+    # Started the way a shell script starts a background job (`fastedit edit ... &`): SIGINT ignored, which the
+    # workers inherit, so the SIGINT torch asks the kernel to send them when their parent dies does nothing.
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], preexec_fn=ignore_sigint)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("worker*.pid"))) < 2:
+            assert parent.poll() is None, "the parent exited before its workers started"
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        pids = [int(p.name[len("worker") : -len(".pid")]) for p in tmp_path.glob("worker*.pid")]
+        parent.send_signal(signal.SIGTERM)  # no clean-up runs in the parent
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in pids), f"workers {pids} outlived their parent"
+    finally:
+        parent.kill()
+        for p in tmp_path.glob("worker*.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p.name[len("worker") : -len(".pid")]), signal.SIGKILL)

@@ -5,7 +5,8 @@ The parent checks everything it can without the model, then spawns N processes (
 nccl with one GPU per rank). Each runs the whole edit: v* requests and evaluation cases are split across them
 (`fastedit.editing.values.compute_values` with ``across_ranks``), and rank 0 writes the outputs. Each worker runs
 max(1, cores // N) torch threads unless $OMP_NUM_THREADS says otherwise. A `FasteditError` in a worker reaches
-the parent as the same one-line error.
+the parent as the same one-line error. A worker ends when its parent does: a parent killed by a signal runs no
+clean-up, and its workers would otherwise go on computing (and holding the cores) for nobody.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +84,21 @@ def run_in_workers(fn: Callable[[Any], Any], arg: Any, workers: int) -> None:
             raise WorkerError(f"a worker process failed: {str(exc).strip().splitlines()[-1]}") from exc
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End this process once ``parent`` is gone (the process is then re-parented, so its parent pid changes)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)  # nothing left to report to; skip clean-up that could block on the other ranks
+
+    threading.Thread(target=watch, name="fastedit-parent-watch", daemon=True).start()
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable[[Any], Any], arg: Any, setup: _Setup, errors: str) -> None:
     from fastedit.progress import set_enabled
+
+    _exit_with_parent(os.getppid())
 
     logging.basicConfig(level=setup.root_level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fastedit").setLevel(setup.fastedit_level)
