@@ -10,6 +10,11 @@ them with weight w (C = λC0 + εI + w·K_t K_tᵀ, `LayerProblem.preserved`).
 K_t is read at the subject's last token of the bare prompts, on the model before this batch's edit (as C0 is),
 all edited layers in one forward. A pair (template, subject) that is itself edited in the batch is never a
 neighbour. The choice of subjects is seeded, so a run is reproducible.
+
+The limit: a key sees only the text before the subject's last token, so for a template that starts with its subject
+("{} is a company based in") the neighbour key is that subject's bare key, and the batch edits that subject under
+its own prompt; such a neighbour holds back another request's edit (PS falls with the weight, README). The shipped
+hparams keep template neighbours off.
 """
 
 from __future__ import annotations
