@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_package_list_matches_the_tree():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
-    assert listed - {"fastedit.hparams"} == set(find_packages(str(ROOT), include=["fastedit*"]))
+    methods = {f"fastedit.hparams.{d.name}" for d in (ROOT / "hparams").iterdir() if d.is_dir()}
+    assert methods and methods <= listed  # every method folder is a listed (data-only) package
+    assert listed - {"fastedit.hparams", *methods} == set(find_packages(str(ROOT), include=["fastedit*"]))
     assert config["package-dir"] == {"fastedit.hparams": "hparams"}
     # Every shipped file matches the package-data pattern (one folder per method).
     pattern = config["package-data"]["fastedit.hparams"]
