@@ -95,7 +95,11 @@ def arch_show(model: str, trust_remote_code: bool) -> None:
 @click.argument("file")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model alias, hub id, folder or .gguf.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="memit", show_default=True)
-@click.option("--hparams", type=click.Path(dir_okay=False), help="Hparams JSON (default: hparams/<method>/<model>).")
+@click.option(
+    "--hparams",
+    type=click.Path(dir_okay=False),
+    help="Hparams JSON (default: hparams/<method>/<model>), or a shipped variant of that file by name (e.g. fast).",
+)
 @click.option("--n", type=click.IntRange(min=1), help="Edit only the first N valid requests.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Requests per closed-form solve (default: all).")
 @click.option("--dm", default="10", show_default=True, help="Covariance keys per layer N = dm·d_k, or 'full'.")

@@ -50,3 +50,20 @@ def test_errors_are_one_line_without_traceback():
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: unknown model 'no-such-alias'")
+
+
+def test_edit_with_an_unknown_hparams_variant_fails_in_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import fastedit.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the hparams were checked")
+
+    monkeypatch.setattr(fastedit.models, "load_model", no_load)
+    requests = tmp_path / "r.json"
+    requests.write_text('[{"prompt": "{} is located in", "subject": "Paris", "target_new": "Rome"}]')
+    args = ["edit", str(requests), "--model", "smollm2-135m", "--hparams", "quick", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert "variant 'quick'" in result.output and "fast" in result.output
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ from fastedit.editing.hparams import (
     differences_beyond_v_star,
     hparams_path,
     is_v_star_setting,
+    is_variant_name,
     load_hparams,
 )
 from fastedit.editing.keys import read_at_subject
@@ -216,6 +217,24 @@ def test_hparams_variants_change_only_the_v_star_settings():
         variant_d, full_d = config_to_dict(variant), config_to_dict(full)
         assert any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
         assert differences_beyond_v_star(variant, full) == [], path.name
+
+
+def test_hparams_variants_are_chosen_by_name(tmp_path, monkeypatch):
+    """``--hparams fast`` picks ``<model>-fast.json`` beside the model's file (an installed package has no hparams/
+    folder to point at); an unknown name lists the shipped ones; an existing file of that name stays a file."""
+    fast = load_hparams("memit", "smollm2-135m", variant="fast")
+    assert fast == load_hparams("memit", "", HPARAMS_DIR / "memit" / "smollm2-135m-fast.json")
+    assert fast != load_hparams("memit", "smollm2-135m")
+    assert hparams_path("memit", "gemma3-270m", "fast").name == "gemma3-270m-fast.json"
+    with pytest.raises(
+        ConfigError, match=r"variant 'quick' for smollm2-135m.*shipped variants: early-stop, fast, lite"
+    ):
+        load_hparams("memit", "smollm2-135m", variant="quick")
+    monkeypatch.chdir(tmp_path)
+    assert is_variant_name("fast") and is_variant_name("early-stop")
+    assert not is_variant_name("h.json") and not is_variant_name("dir/fast") and not is_variant_name("Fast.JSON")
+    (tmp_path / "fast").write_text("{}")
+    assert not is_variant_name("fast")  # a file of that name is read as the file
 
 
 def test_values_key_shares_only_equal_targets():

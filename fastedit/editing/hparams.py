@@ -3,12 +3,15 @@
 One dataclass serves every method; fields a method does not read are ignored by it (e.g. ``emmet_mu`` by
 MEMIT). Lookup order for ``load_hparams(method, model)``: an explicit path, then a model-specific file named
 after the model (``hparams/memit/smollm2-135m.json``), then the family file (``hparams/memit/llama.json``).
+A variant of a model's file (``hparams/memit/smollm2-135m-fast.json``) is chosen by its name (``variant="fast"``,
+``fastedit edit --hparams fast``), so an installed package's files need no path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,26 +169,43 @@ def _model_keys(model_or_family: Any) -> tuple[list[str], str | None]:
     return [_name_key(model_name(model_or_family))], arch_for(model_or_family).model_type
 
 
-def hparams_path(method: str, model_or_family: Any) -> Path:
-    """The hparams file ``load_hparams`` would use (model-specific file first, else the family file)."""
+def hparams_path(method: str, model_or_family: Any, variant: str | None = None) -> Path:
+    """The hparams file ``load_hparams`` would use (model-specific file first, else the family file); with
+    ``variant``, the file ``<model or family>-<variant>.json``."""
     if method not in METHODS:
         raise ConfigError(f"unknown editing method {method!r}; choose one of {', '.join(METHODS)}")
     names, family = _model_keys(model_or_family)
     folder = HPARAMS_DIR / method
-    for stem in [*names, *([family] if family else [])]:
-        candidate = folder / f"{stem}.json"
-        if stem and candidate.parent == folder and candidate.is_file():
+    suffix = f"-{variant}" if variant else ""
+    stems = [s for s in [*names, *([family] if family else [])] if s]
+    for stem in stems:
+        candidate = folder / f"{stem}{suffix}.json"
+        if candidate.parent == folder and candidate.is_file():
             return candidate
-    available = sorted(p.stem for p in folder.glob("*.json"))
     wanted = names[-1] + (f" (family {family})" if family else "")
+    if variant:
+        shipped = sorted({p.stem[len(stem) + 1 :] for stem in stems for p in folder.glob(f"{stem}-*.json")})
+        raise ConfigError(
+            f"no {method} hparams variant {variant!r} for {wanted} (shipped variants: {', '.join(shipped) or 'none'}); "
+            "pass one of them or an hparams file (--hparams FILE)"
+        )
+    available = sorted(p.stem for p in folder.glob("*.json"))
     raise ConfigError(
         f"no {method} hparams for {wanted} in {folder} (available: {', '.join(available) or 'none'}); "
         "pass an hparams file explicitly (--hparams FILE)"
     )
 
 
-def load_hparams(method: str, model_or_family: Any, path: str | Path | None = None) -> EditHparams:
-    """Load the hparams of ``method`` for a model (object or name) or family; ``path`` overrides the lookup.
+def is_variant_name(value: str) -> bool:
+    """``--hparams`` names a shipped variant (``fast``) rather than a file: no such file, and a plain name."""
+    return not Path(value).exists() and re.fullmatch(r"[a-z0-9][a-z0-9_-]*", value) is not None
+
+
+def load_hparams(
+    method: str, model_or_family: Any, path: str | Path | None = None, *, variant: str | None = None
+) -> EditHparams:
+    """Load the hparams of ``method`` for a model (object or name) or family; ``path`` overrides the lookup,
+    ``variant`` picks ``<model>-<variant>.json`` beside the model's file.
 
     A ``.yaml`` path is an EasyEdit hparams file: its keys that map override the model's own hparams."""
     if path is not None and Path(path).suffix.lower() in (".yaml", ".yml"):  # an EasyEdit hparams file
@@ -196,7 +216,7 @@ def load_hparams(method: str, model_or_family: Any, path: str | Path | None = No
         except ConfigError:
             base = None
         return easyedit_hparams(method, path, base)
-    source = Path(path) if path is not None else hparams_path(method, model_or_family)
+    source = Path(path) if path is not None else hparams_path(method, model_or_family, variant)
     hp = load_dataclass_file(EditHparams, source)
     if hp.method != method:
         raise ConfigError(f"{source}: holds hparams for method {hp.method!r}, not {method!r}")

@@ -42,7 +42,7 @@ class EditRunOptions:
     file: str
     model: str = DEFAULT_MODEL
     method: str = "memit"
-    hparams: str | None = None  # hparams file (default: hparams/<method>/<model or family>.json)
+    hparams: str | None = None  # file or shipped variant name (default: hparams/<method>/<model or family>.json)
     n: int | None = None  # first n valid requests
     batch_size: int | None = None  # requests per closed-form solve (None: all at once)
     dm: str = "10"  # keys per layer N = dm·d_k, or "full"
@@ -161,11 +161,14 @@ def check_outputs(options: EditRunOptions) -> Path:
 
 
 def _hparams_before_loading(options: EditRunOptions) -> Any:
-    """An explicit --hparams file, loaded and validated strictly (None: looked up once the model is known)."""
+    """An explicit --hparams file or shipped variant (found by the model's name), loaded and validated strictly
+    (None: looked up once the model is known)."""
     if options.hparams is None:
         return None
-    from fastedit.editing.hparams import load_hparams
+    from fastedit.editing.hparams import is_variant_name, load_hparams
 
+    if is_variant_name(options.hparams):
+        return load_hparams(options.method, options.model, variant=options.hparams)
     return load_hparams(options.method, None, options.hparams)
 
 
