@@ -163,6 +163,10 @@ def sleep_long(folder):
 """
 
 
+def _worker_pids(folder: Path) -> list[int]:
+    return [int(p.name[len("worker") : -len(".pid")]) for p in folder.glob("worker*.pid")]
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie left for an init that does not reap counts as gone)."""
     try:
@@ -189,11 +193,11 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], preexec_fn=ignore_sigint)
     try:
         deadline = time.monotonic() + 120
-        while len(list(tmp_path.glob("worker*.pid"))) < 2:
+        while len(_worker_pids(tmp_path)) < 2:
             assert parent.poll() is None, "the parent exited before its workers started"
             assert time.monotonic() < deadline, "the workers did not start"
             time.sleep(0.2)
-        pids = [int(p.name[len("worker") : -len(".pid")]) for p in tmp_path.glob("worker*.pid")]
+        pids = _worker_pids(tmp_path)
         parent.send_signal(signal.SIGTERM)  # no clean-up runs in the parent
         parent.wait(timeout=30)
         deadline = time.monotonic() + 15
@@ -202,6 +206,6 @@ def test_workers_end_when_their_parent_is_killed(tmp_path):
         assert not any(_alive(pid) for pid in pids), f"workers {pids} outlived their parent"
     finally:
         parent.kill()
-        for p in tmp_path.glob("worker*.pid"):
+        for pid in _worker_pids(tmp_path):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(p.name[len("worker") : -len(".pid")]), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
