@@ -28,7 +28,7 @@ from fastedit.editing.hparams import EditHparams
 from fastedit.editing.patch import Patch
 from fastedit.editing.workers import run_in_workers
 from fastedit.requests import as_requests
-from fastedit.stats.distributed import gather_shares, shard_bounds
+from fastedit.stats.distributed import gather_shares, shard_bounds, share_tasks
 
 pytestmark = pytest.mark.distributed
 
@@ -40,12 +40,13 @@ FIVE = [
 
 
 def _targets(_folder: str | None = None):
-    hp = EditHparams(**{**HP, "layers": (0, 1)})
+    # "fast" mode: one request per v* task, so two ranks have five tasks to share
+    hp = EditHparams(**{**HP, "layers": (0, 1), "v_mode": "fast"})
     return compute_targets(tiny_model("llama"), tiny_tokenizer(), as_requests(FIVE), method="memit", hparams=hp)
 
 
 def _targets_job(folder: str) -> None:
-    """One rank: all targets (the ranks split the requests 3 + 2 and gather them)."""
+    """One rank: all targets (the ranks share the requests and gather them)."""
     values = _targets()
     torch.save(
         {"init": values.init, "targets": values.targets, "delta": values.delta, "info": values.info},
@@ -68,6 +69,40 @@ def test_gather_shares_in_one_process_runs_the_whole_range_once():
     assert calls == [(0, 5)]  # nothing to do, nothing run
 
 
+def test_share_tasks_in_one_process_runs_every_task_in_order():
+    done = []
+    assert share_tasks([2, 1, 3], lambda i: i * 10, progress=done.append) == [0, 10, 20]
+    assert done == [2, 3, 6]  # the size finished so far, after each task
+    assert share_tasks([], lambda i: i) == []
+
+
+def _share_job(folder: str) -> None:
+    """Rank 1 takes 0.4 s per task, rank 0 none: the ranks take the 12 tasks from a shared counter."""
+    rank = dist.get_rank()
+    seen = []
+
+    def compute(i: int) -> tuple[int, int]:
+        time.sleep(0.4 * rank)
+        return i * i, rank
+
+    results = share_tasks([1] * 12, compute, progress=seen.append)
+    again = share_tasks([1] * 3, lambda i: (i, rank))  # a second call gets fresh counters
+    torch.save({"results": results, "again": again, "seen": seen}, Path(folder) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ranks_share_tasks_as_they_free_up(tmp_path):
+    run_in_workers(_share_job, str(tmp_path), 2)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert got[0]["results"] == got[1]["results"]  # every rank receives all results, in task order
+    assert [value for value, _ in got[0]["results"]] == [i * i for i in range(12)]
+    by = [rank for _, rank in got[0]["results"]]
+    assert by.count(0) >= 8  # the fast rank took most tasks (a static split would give each 6)
+    assert by.count(1) + by.count(0) == 12
+    assert [i for i, _ in got[0]["again"]] == [0, 1, 2]
+    assert max(got[0]["seen"] + got[1]["seen"]) == 12  # progress counts what all ranks finished
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_targets_of_one_process(tmp_path):
     run_in_workers(_targets_job, str(tmp_path), 2)
@@ -75,7 +110,7 @@ def test_two_ranks_give_the_targets_of_one_process(tmp_path):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert [i["case_id"] for i in got["info"]] == [r["case_id"] for r in FIVE]
-        assert [i["rank"] for i in got["info"]] == [0, 0, 0, 1, 1]  # each rank optimised its own share
+        assert {i["rank"] for i in got["info"]} <= {0, 1}
         for name in ("init", "targets", "delta"):
             ref = getattr(single, name)
             assert got[name].shape == ref.shape

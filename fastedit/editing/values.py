@@ -24,8 +24,9 @@ matrices have ~20 rows per request and cost about what reading the weights costs
 converged requests leave its forward (``NARROW_BELOW``), so a chunk costs less as its requests converge, and
 requests of similar row width share a chunk (``chunks_by_width``), so little of a step is spent on padding.
 
-``compute_values(..., across_ranks=True)`` splits the requests across the ranks of a process group (torchrun, or
-``fastedit edit --workers N``) and gathers every target on every rank.
+``compute_values(..., across_ranks=True)`` shares the chunks among the ranks of a process group (torchrun, or
+``fastedit edit --workers N``), each rank taking the next chunk when it is free, and gathers every target on every
+rank.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from fastedit.editing.replay import LayerReplay
 from fastedit.editing.subject import subject_last_index
 from fastedit.errors import FasteditError
 from fastedit.requests import EditRequest
-from fastedit.stats.distributed import gather_shares, rank_and_world
+from fastedit.stats.distributed import rank_and_world, share_tasks
 
 log = logging.getLogger(__name__)
 
@@ -205,38 +206,36 @@ def compute_values(
 
     ``layer``: the lowest block that holds a site (the fast modes replay from it). ``site`` may be a tuple of
     sites: each request then gets one δ per site, optimised jointly (``post_norm="per_layer"``).
-    ``across_ranks``: inside a process group (torchrun or ``fastedit edit --workers``) each rank optimises its
-    contiguous share of the requests with its own threads (requests are independent given the model) and every
-    rank receives all targets in request order; with one rank it changes nothing.
+    ``across_ranks``: inside a process group (torchrun or ``fastedit edit --workers``) the ranks share the chunks
+    of requests, each taking the next one when it is free, with its own threads (requests are independent given
+    the model), and every rank receives all targets in request order; with one rank it changes nothing.
     """
     rank, world = rank_and_world() if across_ranks else (0, 1)
-    if world > 1:
-
-        def share(lo: int, hi: int) -> ValueResult:
-            log.info("v*: %d ranks, this one optimises requests %d..%d of %d", world, lo, hi - 1, len(requests))
-            part = compute_values(
-                model, tokenizer, spec, requests[lo:hi], site=site, layer=layer, contexts=contexts, hp=hp
-            ).to("cpu")
-            for item in part.info:
-                item["rank"] = rank
-            return part
-
-        return concat_values(gather_shares(len(requests), share)).to(model_device(model))
     sites = [site] if isinstance(site, str) else list(site)
     if hp.v_mode == "batched":
-        groups = chunks_by_width(tokenizer, requests, contexts, hp.kl_prompt)
+        groups = chunks_by_width(tokenizer, requests, contexts, hp.kl_prompt)[::-1]  # widest (costliest) first
     else:
         groups = [[i] for i in range(len(requests))]
     fast = hp.v_mode != "reference"
-    parts = []
     where = sites[0] if len(sites) == 1 else f"{len(sites)} sites"
+    if world > 1:
+        log.info(
+            "v*: %d chunks of %d requests, shared among %d ranks as they free up", len(groups), len(requests), world
+        )
+
+    def optimise(g: int) -> ValueResult:
+        chunk = [requests[i] for i in groups[g]]
+        part = _optimise(model, tokenizer, spec, chunk, sites, layer, contexts, hp, fast=fast)
+        if world > 1:
+            part = part.to("cpu")
+            for item in part.info:
+                item["rank"] = rank
+        return part
+
     with tqdm(total=len(requests), desc=f"v* ({hp.v_mode}) at {where}", unit="req", leave=False) as bar:
-        for g in groups:
-            parts.append(
-                _optimise(model, tokenizer, spec, [requests[i] for i in g], sites, layer, contexts, hp, fast=fast)
-            )
-            bar.update(len(g))
-    result = concat_values(parts).reordered([i for g in groups for i in g])
+        sizes = [len(g) for g in groups]
+        parts = share_tasks(sizes, optimise, progress=lambda done: bar.update(done - bar.n), shared=world > 1)
+    result = concat_values(parts).reordered([i for g in groups for i in g]).to(model_device(model))
     if isinstance(site, str):
         result.init, result.targets, result.delta = result.init[:, 0], result.targets[:, 0], result.delta[:, 0]
     return result

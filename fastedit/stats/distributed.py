@@ -1,5 +1,6 @@
 """torch.distributed support (gloo on CPU, nccl on GPU): the precompute splits batches across ranks and
-all-reduces the sums; `fastedit edit` splits the v* requests and the evaluation and gathers the results.
+all-reduces the sums; `fastedit edit` shares the v* requests among the ranks as they free up, splits the
+evaluation, and gathers the results.
 
 Ranks come from torchrun (its environment variables) or from `init_local` (``fastedit edit --workers N``
 starting N local processes). Outside both (WORLD_SIZE unset or 1) every function here is a no-op and rank 0 of 1
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +143,69 @@ def gather_shares(n: int, compute: Callable[[int, int], Any]) -> list[Any]:
     lo, hi = shard_bounds(n, rank, world)
     local = compute(lo, hi) if hi > lo else None
     return [part for part in all_gather_objects(local) if part is not None]
+
+
+class _TaskStore:
+    """The process group's task counters: a TCP key-value store that rank 0 serves on a free port (the others
+    learn it by broadcast), so a rank that finishes a task takes the next one with one atomic ``add``."""
+
+    def __init__(self) -> None:
+        self.group: Any = None
+        self.store: Any = None
+        self.calls = 0
+
+    def counters(self) -> tuple[Any, str]:
+        """The store of the current group (made on first use) and a fresh key prefix for one `share_tasks` call.
+        Every rank makes the same calls in the same order (they are collective), so the prefixes agree."""
+        if self.group is not dist.group.WORLD:
+            host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            port = torch.zeros(1, dtype=torch.long)
+            if dist.get_rank() == 0:
+                store = dist.TCPStore(host, 0, dist.get_world_size(), is_master=True, wait_for_workers=False)
+                port[0] = store.port
+            broadcast_(port)
+            if dist.get_rank() != 0:
+                store = dist.TCPStore(host, int(port), dist.get_world_size(), is_master=False)
+            self.group, self.store, self.calls = dist.group.WORLD, store, 0
+        self.calls += 1
+        return self.store, f"tasks{self.calls}/"
+
+
+_TASKS = _TaskStore()
+
+
+def share_tasks(
+    sizes: Sequence[int],
+    compute: Callable[[int], Any],
+    progress: Callable[[int], None] | None = None,
+    *,
+    shared: bool = True,
+) -> list[Any]:
+    """``compute(i)`` for every task i, each run once by whichever rank is free first, tasks taken in index order;
+    every rank receives all results in task order (picklable, tensors on the CPU).
+
+    A static split leaves the ranks idle in turn when tasks take unequal time (v* requests converge after
+    different numbers of steps), so ranks take tasks from a shared counter instead. Put the longest tasks first:
+    the last ones taken then are short, and the ranks finish together. ``sizes`` (e.g. requests per task) only
+    feed ``progress``, called after each task this rank finishes with the total size finished by all ranks.
+    Outside a group, or with ``shared`` False: this process runs every task, in order."""
+    if not (shared and is_distributed()):
+        results, done = [], 0
+        for i, size in enumerate(sizes):
+            results.append(compute(i))
+            done += size
+            if progress is not None:
+                progress(done)
+        return results
+    store, prefix = _TASKS.counters()
+    mine: dict[int, Any] = {}
+    while (i := int(store.add(prefix + "next", 1)) - 1) < len(sizes):
+        mine[i] = compute(i)
+        done = int(store.add(prefix + "done", int(sizes[i])))
+        if progress is not None:
+            progress(done)
+    merged = {i: result for part in all_gather_objects(mine) for i, result in part.items()}
+    return [merged[i] for i in range(len(sizes))]
 
 
 def all_ranks_agree(flag: bool) -> bool:
