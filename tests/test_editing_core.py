@@ -33,6 +33,7 @@ from fastedit.editing.memit import memit_update
 from fastedit.editing.problem import LayerProblem
 from fastedit.editing.replay import LayerReplay
 from fastedit.editing.rome import rome_update
+from fastedit.editing.siblings import list_siblings, parse_siblings
 from fastedit.editing.subject import SubjectNotFoundError, subject_last_index
 from fastedit.editing.template_neighbours import template_neighbour_keys, template_neighbour_requests
 from fastedit.editing.values import NonFiniteLossError, compute_values, edit_site, site_start_layer, values_key
@@ -197,9 +198,10 @@ def test_hparams_files_load_and_model_file_wins():
 
 
 def test_hparams_variants_change_only_the_v_star_settings():
-    """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``) is its model's file with a cheaper v*: same
-    layers, λ and solve, so a comparison of the two measures the v* settings alone (benchmarks/edit_speed.py
-    --lite relies on it)."""
+    """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``, ``-fast``) is its model's file with a cheaper v*:
+    same layers, λ and solve, so a comparison of the two measures the v* settings alone (benchmarks/edit_speed.py
+    --lite relies on it). The one other kind, ``-siblings``, is its model's file plus template neighbours from
+    the model's own lists (nothing else changes, so it too compares against the model file alone)."""
     variants = {}
     for path in sorted(HPARAMS_DIR.glob("*/*-*.json")):
         bases = [b for b in path.parent.glob("*.json") if path.stem.startswith(b.stem + "-")]
@@ -210,11 +212,18 @@ def test_hparams_variants_change_only_the_v_star_settings():
         "smollm2-135m-early-stop",
         "smollm2-135m-fast",
         "gemma3-270m-fast",
+        "gemma3-270m-siblings",
     }
     for path, base in variants.items():
         method = path.parent.name
         variant, full = load_hparams(method, "", path), load_hparams(method, "", base)
         variant_d, full_d = config_to_dict(variant), config_to_dict(full)
+        if path.stem.endswith("-siblings"):
+            neighbours = ["template_neighbours", "template_neighbours_weight", "template_neighbours_source"]
+            assert differences_beyond_v_star(variant, full) == neighbours, path.name
+            assert variant.template_neighbours_source == "model" and variant.template_neighbours_weight > 0
+            assert not any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
+            continue
         assert any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
         assert differences_beyond_v_star(variant, full) == [], path.name
 
@@ -258,6 +267,8 @@ def test_hparams_are_strict(tmp_path):
         load_hparams("rome", "llama", hparams_path("memit", "llama"))
     with pytest.raises(ConfigError, match="no memit hparams"):
         load_hparams("memit", "nosuchfamily")
+    with pytest.raises(ConfigError, match=r"template_neighbours_source 'web' is not one of batch, model"):
+        load_hparams("memit", "llama").replace(template_neighbours_source="web")
 
 
 def test_layer_beyond_depth_is_a_clear_error(tok):
@@ -373,6 +384,42 @@ def test_template_neighbours_fill_each_template_with_other_subjects_only():
     ]  # seeded
     assert len(template_neighbour_requests(reqs, 1)) == 2  # the second currency request has nobody left
     assert template_neighbour_requests(reqs[:1], 3) == []
+
+
+def test_template_neighbours_from_siblings_fill_each_template_with_those_names():
+    reqs = [
+        EditRequest("a", "The capital of {} is", "Canada", "London"),
+        EditRequest("b", "The capital of {} is", "Norway", "Paris"),
+    ]
+    siblings = {"Canada": ["Mexico", "Norway", "Japan", "Chile"], "Norway": ["Sweden"]}
+    pairs = [(n.prompt, n.subject) for n in template_neighbour_requests(reqs, 2, siblings)]
+    # the batch edits the capital of Norway, so Norway is never a neighbour; at most 2 per request
+    assert pairs == [("The capital of {} is", "Mexico"), ("The capital of {} is", "Japan"),
+                     ("The capital of {} is", "Sweden")]  # fmt: skip
+
+
+def test_sibling_names_are_read_from_the_first_line_of_a_list():
+    text = " Norway, the United States and Japan<start_of_image>, a country with lakes, Canada... (Chile)\nPeru, Cuba"
+    assert parse_siblings(text, exclude={"Canada"}) == ["Norway", "United States", "Japan", "Chile"]
+    assert parse_siblings("", exclude=set()) == []
+
+
+def test_siblings_are_sampled_per_subject_and_leave_the_random_state_alone(tok):
+    """A subject's siblings do not depend on which other subjects are asked for, or on a cache; the batch's own
+    subjects are never siblings; the caller's RNG is untouched."""
+    import fastedit.editing.siblings as siblings_module
+
+    model = tiny_model("llama")
+    state = torch.random.get_rng_state()
+    texts = []
+    for subjects in (["Canada"], ["Peru", "Canada"]):
+        siblings_module._CACHE.clear()
+        texts.append(siblings_module._listed(model, tok, subjects, 0, False)["Canada"])
+    assert texts[0] == texts[1] and len(texts[0]) == siblings_module.SAMPLES
+    assert torch.equal(torch.random.get_rng_state(), state)
+    found = list_siblings(model, tok, ["Canada", "Peru"], per_subject=3)
+    assert set(found) == {"Canada", "Peru"}
+    assert all(len(v) <= 3 and "Peru" not in v and "Canada" not in v for v in found.values())
 
 
 def _low_rank_c0(spectrum):

@@ -151,3 +151,26 @@ def test_alphaedit_edits_and_preserves_the_earlier_batch(request, which, wikitex
             new = _nll(model, tok, req.rewrite_prompt(), req.target_new)
             true = _nll(model, tok, req.rewrite_prompt(), req.target_true)
             assert new < true, (req.case_id, new, true)
+
+
+def test_gemma_lists_siblings_of_the_subjects_kind_and_preserves_their_keys(gemma3):
+    """The model's own list continuation names entities of the subject's kind (countries for a country), never a
+    subject of the batch, and the engine reads their keys in each request's template."""
+    from fastedit.editing.siblings import list_siblings
+    from fastedit.editing.template_neighbours import template_neighbour_keys
+
+    model, tok = gemma3
+    requests = [
+        EditRequest("canada", "The capital of {} is", "Canada", "London", "Ottawa"),
+        EditRequest("japan", "The capital of {} is", "Japan", "Rome", "Tokyo"),
+    ]
+    found = list_siblings(model, tok, [r.subject for r in requests], per_subject=8)
+    countries = {"USA", "United States", "Mexico", "France", "Germany", "Russia", "China", "India", "Brazil",
+                 "Australia", "Switzerland", "Italy", "Spain", "Korea", "South Korea", "Norway", "Sweden", "UK",
+                 "United Kingdom", "England", "Denmark", "Finland", "Austria", "Belgium", "Netherlands"}  # fmt: skip
+    assert len(set(found["Canada"]) & countries) >= 3, found
+    assert "Japan" not in found["Canada"] and "Canada" not in found["Japan"]
+    keys = template_neighbour_keys(model, tok, arch_for(model), requests, [3, 7], 8, source="model")
+    names = {name for v in found.values() for name in v}  # one template: a name both subjects list counts once
+    assert set(keys) == {3, 7} and keys[3].shape == (len(names), model.config.intermediate_size)
+    assert len(names) >= 6

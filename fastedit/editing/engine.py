@@ -329,7 +329,9 @@ def _spread(
     t1 = time.perf_counter()
     neighbours: dict[int, torch.Tensor] = {}
     if hp.template_neighbours > 0 and hp.template_neighbours_weight > 0:  # before any layer is edited, like C0
-        neighbours = template_neighbour_keys(model, tokenizer, spec, requests, hp.layers, hp.template_neighbours)
+        neighbours = template_neighbour_keys(
+            model, tokenizer, spec, requests, hp.layers, hp.template_neighbours, hp.template_neighbours_source
+        )
     info["template_neighbours"] = len(next(iter(neighbours.values()))) if neighbours else 0
     for i, layer in enumerate(hp.layers):
         layer_info = info["layers"].setdefault(str(layer), {})

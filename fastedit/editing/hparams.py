@@ -23,6 +23,7 @@ METHODS = ("rome", "memit", "emmet", "alphaedit")
 V_MODES = ("reference", "fast", "batched")
 POST_NORM_MODES = ("per_layer", "project", "ignore", "output_site")
 PREVIOUS_KEYS_MODES = ("penalty", "exact")
+NEIGHBOUR_SOURCES = ("batch", "model")  # where template neighbours' subjects come from (template_neighbours.py)
 
 
 def is_v_star_setting(name: str) -> bool:
@@ -95,8 +96,11 @@ class EditHparams:
     # MEMIT/EMMET/AlphaEdit: each request's prompt template filled with this many other subjects of the batch
     # (bare prompts, unedited model); their keys K_t join what the update preserves, C = λC0 + εI + w·K_t K_tᵀ
     # with w = template_neighbours_weight (template_neighbours.py). 0 = off. ROME (one request at a time) ignores it.
+    # template_neighbours_source: "batch" (the batch's other subjects) or "model" (names the model lists as of
+    # each subject's kind, siblings.py).
     template_neighbours: int = 0
     template_neighbours_weight: float = 0.0
+    template_neighbours_source: str = "batch"
     # Post-MLP-norm families only (Gemma 2/3; docs in fastedit/editing/postnorm.py): "per_layer" optimises one
     # δ per edited layer on its mlp_out output, the norms in the loop; "project" optimises δ on the residual and
     # maps each layer's share to the nearest change the norm can emit; "ignore" asks W for the residual change
@@ -131,6 +135,11 @@ class EditHparams:
             raise ConfigError("hparams: rel_eps, emmet_mu and alphaedit_l2 must be non-negative")
         if self.template_neighbours < 0 or not self.template_neighbours_weight >= 0:
             raise ConfigError("hparams: template_neighbours and template_neighbours_weight must be non-negative")
+        if self.template_neighbours_source not in NEIGHBOUR_SOURCES:
+            raise ConfigError(
+                f"hparams: template_neighbours_source {self.template_neighbours_source!r} is not one of "
+                + ", ".join(NEIGHBOUR_SOURCES)
+            )
         if not 0 < self.nullspace_threshold < 1:
             raise ConfigError(
                 f"hparams: nullspace_threshold {self.nullspace_threshold} is relative to C0's largest eigenvalue; "
