@@ -63,7 +63,8 @@ def list_siblings(
 ) -> dict[str, list[str]]:
     """subject -> up to ``per_subject`` sibling names (first seen first), none of them a subject in ``subjects``
     or in ``exclude``; [] when the model lists nothing usable. Each subject's continuations are sampled once per
-    (model object, seed) and kept, so the model must be unedited when first asked (as for `context_templates`).
+    (model object, seed) and kept (as `context_templates` are), so a subject keeps the list it got when first
+    asked, also after later edits of the model.
     ``across_ranks``: inside a process group the ranks share the subjects and every rank receives all lists (every
     rank must call it)."""
     unique = list(dict.fromkeys(subjects))

@@ -1,4 +1,4 @@
-"""Template neighbours: each request's prompt template filled with other subjects of the same batch.
+"""Template neighbours: each request's prompt template filled with other subjects (of the batch, or model-listed).
 
 A MEMIT-family update is asked to change W k for the edited keys and to leave C0's keys alone, C0 coming from
 generic text. Keys of one relation's prompts ("The currency of {}") share a component that generic text hardly
@@ -9,7 +9,7 @@ them with weight w (C = λC0 + εI + w·K_t K_tᵀ, `LayerProblem.preserved`).
 
 K_t is read at the subject's last token of the bare prompts, on the model before this batch's edit (as C0 is),
 all edited layers in one forward. A pair (template, subject) that is itself edited in the batch is never a
-neighbour. The choice of subjects is seeded, so a run is reproducible.
+neighbour. The choice of subjects is seeded (the batch's draw, and the model's lists), so a run is reproducible.
 
 The limit of the batch's subjects: a key sees only the text before the subject's last token, so for a template that
 starts with its subject ("{} is a company based in") the neighbour key is that subject's bare key, and the batch
