@@ -57,18 +57,17 @@ def list_siblings(
     subjects: Sequence[str],
     *,
     per_subject: int,
-    exclude: set[str] | None = None,
     seed: int = 0,
     across_ranks: bool = False,
 ) -> dict[str, list[str]]:
-    """subject -> up to ``per_subject`` sibling names (first seen first), none of them a subject in ``subjects``
-    or in ``exclude``; [] when the model lists nothing usable. Each subject's continuations are sampled once per
+    """subject -> up to ``per_subject`` sibling names (first seen first), none of them a subject in ``subjects``;
+    [] when the model lists nothing usable. Each subject's continuations are sampled once per
     (model object, seed) and kept (as `context_templates` are), so a subject keeps the list it got when first
     asked, also after later edits of the model.
     ``across_ranks``: inside a process group the ranks share the subjects and every rank receives all lists (every
     rank must call it)."""
     unique = list(dict.fromkeys(subjects))
-    banned = set(unique) | set(exclude or ())
+    banned = set(unique)
     listed = _listed(model, tokenizer, unique, seed, across_ranks)
     out: dict[str, list[str]] = {}
     for subject in unique:
