@@ -422,6 +422,28 @@ def test_siblings_are_sampled_per_subject_and_leave_the_random_state_alone(tok):
     assert all(len(v) <= 3 and "Peru" not in v and "Canada" not in v for v in found.values())
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gemma3", "gemma3_text"])
+def test_batched_sibling_sampler_continues_each_prompt_as_generate_does(family, tok):
+    """With top-1 sampling the batched sampler (shared prompt cached once, rows padded after it) writes, for every
+    subject of a batch of different lengths, the first line `generate` writes for that prompt alone."""
+    from fastedit.editing.siblings import LIST_PROMPT, MAX_NEW_TOKENS, sample_lists
+
+    model = tiny_model(family)
+    subjects = ["Canada", "the United Kingdom of Great Britain", "Peru"]
+    texts = sample_lists(model, tok, subjects, top_k=1)
+    for subject, samples in zip(subjects, texts, strict=True):
+        ids = tok(f"{LIST_PROMPT}{subject},", return_tensors="pt").input_ids
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+        assert len(set(samples)) == 1 and samples[0].split("\n")[0] == expected
+
+
 def _low_rank_c0(spectrum):
     g = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64)).Q

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from fastedit.arch import ArchSpec, first_tensor
+from fastedit.arch.forward import cache_kwargs
 from fastedit.arch.hooks import StopForward
 
 
@@ -41,8 +41,6 @@ class LayerReplay:
         self.softcap = getattr(self.text_config, "final_logit_softcapping", None)
         self.cache: DynamicCache | None = None
         self._prefix_state: list[dict[str, Any]] = []
-        # transformers renamed ``past_key_values`` to ``cache`` (5.2x; the old name is deprecated).
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def record(
@@ -65,12 +63,15 @@ class LayerReplay:
             self.cache = DynamicCache(config=self.text_config)
             head = {"position_ids": position_ids[:, :prefix_len]} if position_ids is not None else {}
             self._run_layers(
-                input_ids[:, :prefix_len], attention_mask[:, :prefix_len], **{self._cache_kwarg: self.cache}, **head
+                input_ids[:, :prefix_len],
+                attention_mask[:, :prefix_len],
+                **cache_kwargs(self.model, self.cache),
+                **head,
             )
             # update() replaces a layer's tensors rather than writing into them: a shallow copy is a snapshot.
             self._prefix_state = [dict(layer.__dict__) for layer in self.cache.layers]
             input_ids = input_ids[:, prefix_len:]
-            extra = {self._cache_kwarg: self.cache}
+            extra = cache_kwargs(self.model, self.cache)
             if position_ids is not None:
                 extra["position_ids"] = position_ids[:, prefix_len:]
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}

@@ -4,8 +4,8 @@ An edit's neighbour loss on facts the model knows well sits at other subjects' k
 neighbour prompts' subject tokens recovers most of it, and the positions after the subject hardly matter (README,
 "Where the facts' NS goes"). The evaluation's neighbours are not known when editing, but subjects of the same kind
 are: the model continues a few-shot list prompt ending in "<subject>," and the capitalised, comma-separated names
-it writes on that line are the subject's siblings. No data set is read; sampling is seeded inside a forked RNG,
-per subject, so a run is reproducible, and the caller's random state is untouched.
+it writes on that line are the subject's siblings. No data set is read; each sample draws from its own seeded
+generator, so a run is reproducible and the caller's random state is untouched.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from fastedit.arch import model_device
+from fastedit.arch import arch_for, model_device
+from fastedit.arch.forward import cache_kwargs
 from fastedit.stats.distributed import share_tasks
 
 # Lists of one kind each, so the model continues "<subject>," with more of the subject's kind.
@@ -81,37 +83,97 @@ def list_siblings(
 
 
 _CACHE: dict[tuple[int, int, str], list[str]] = {}
+CHUNK = 16  # subjects per batched pass: each decoding step reads the weights once for CHUNK × SAMPLES rows
 
 
 def _listed(
     model: torch.nn.Module, tokenizer: Any, subjects: list[str], seed: int, across_ranks: bool
 ) -> dict[str, list[str]]:
-    """subject -> the model's ``SAMPLES`` continuations of the list prompt ending in "<subject>,". Each subject is
-    sampled under its own seed (``seed`` + a checksum of the subject), so its siblings do not depend on which
-    other subjects are asked for, or when, or on which rank."""
-    device = model_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """subject -> the model's ``SAMPLES`` continuations of the list prompt ending in "<subject>,", sampled
+    ``CHUNK`` subjects at a time (`sample_lists`)."""
     todo = [s for s in subjects if (id(model), seed, s) not in _CACHE]
-
-    def sample(i: int) -> list[str]:
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed + zlib.crc32(todo[i].encode()))
-            ids = tokenizer(f"{LIST_PROMPT}{todo[i]},", return_tensors="pt").input_ids.to(device)
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=True,
-                top_k=TOP_K,
-                num_return_sequences=SAMPLES,
-                pad_token_id=pad,
-            )
-        return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-
+    chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
     with tqdm(total=len(todo), desc="siblings", unit="subject", leave=False) as bar:
         lists = share_tasks(
-            [1] * len(todo), sample, progress=lambda done: bar.update(done - bar.n), shared=across_ranks
+            [len(c) for c in chunks],
+            lambda i: sample_lists(model, tokenizer, chunks[i], seed=seed),
+            progress=lambda done: bar.update(done - bar.n),
+            shared=across_ranks,
         )
-    for subject, texts in zip(todo, lists, strict=True):
-        _CACHE[(id(model), seed, subject)] = texts
+    for chunk, texts in zip(chunks, lists, strict=True):
+        for subject, continuations in zip(chunk, texts, strict=True):
+            _CACHE[(id(model), seed, subject)] = continuations
     return {s: _CACHE[(id(model), seed, s)] for s in subjects}
+
+
+@torch.no_grad()
+def sample_lists(
+    model: torch.nn.Module, tokenizer: Any, subjects: Sequence[str], *, seed: int = 0, top_k: int = TOP_K
+) -> list[list[str]]:
+    """For each subject, ``SAMPLES`` continuations of "LIST_PROMPT<subject>," (top-``top_k`` sampling, up to
+    ``MAX_NEW_TOKENS`` tokens, each cut after its first line break or end of text), all subjects in one batch.
+
+    The few-shot prompt is shared, so its keys/values are computed once and repeated for every row; each row then
+    runs only its subject's tokens, left-padded *after* the shared prompt: row r = [prompt | pads | subject ,],
+    the pads masked out and the positions counting the real tokens only, so every row computes what it would
+    alone (when a sliding attention window is shorter than the rows, subjects of one length are batched instead).
+    Row (subject, j) draws from its own generator seeded with ``seed`` + a checksum of (subject, j): the samples
+    depend neither on the other subjects in the batch nor on the caller's random state."""
+    device = model_device(model)
+    shared = tokenizer(LIST_PROMPT).input_ids
+    rows = [tokenizer(f"{LIST_PROMPT}{s},").input_ids for s in subjects for _ in range(SAMPLES)]
+    # the prompt's own tokens, as far as every row tokenises them alike ("\n" ends it, so normally all of them)
+    p = next((i for i in range(len(shared)) if any(r[i] != shared[i] for r in rows)), len(shared))
+    p = min(p, *(len(r) - 1 for r in rows))
+    tails = [r[p:] for r in rows]
+    width = max(len(t) for t in tails)
+    config = arch_for(model).text_config(model.config)
+    window = getattr(config, "sliding_window", None)
+    lengths = [len(tails[i * SAMPLES]) for i in range(len(subjects))]
+    if window is not None and len(set(lengths)) > 1 and window < p + width + MAX_NEW_TOKENS:
+        # a sliding window counts cache slots, pads included: sample subjects of one length together, unpadded
+        by_subject: dict[str, list[str]] = {}
+        for length in sorted(set(lengths)):
+            group = [s for s, n in zip(subjects, lengths, strict=True) if n == length]
+            by_subject.update(zip(group, sample_lists(model, tokenizer, group, seed=seed, top_k=top_k), strict=True))
+        return [by_subject[s] for s in subjects]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (n, width)
+    real = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+    mask = torch.cat([torch.ones(len(rows), p, dtype=real.dtype, device=device), real], 1)  # (n, p + width)
+    positions = (mask.cumsum(1) - 1)[:, p:]
+
+    cache = DynamicCache(config=config)
+    head = torch.tensor([rows[0][:p]], device=device)
+    model(input_ids=head, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    cache.batch_repeat_interleave(len(rows))
+
+    generators = []
+    for subject in subjects:
+        for j in range(SAMPLES):
+            generators.append(torch.Generator(device).manual_seed(seed + zlib.crc32(f"{subject}\0{j}".encode())))
+    new: list[list[int]] = [[] for _ in rows]
+    open_rows = set(range(len(rows)))
+    for _ in range(MAX_NEW_TOKENS):
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        ).logits[:, -1]
+        top, index = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)  # (n, k)
+        probs = top.softmax(-1)
+        picked = [int(index[r, torch.multinomial(probs[r], 1, generator=generators[r])]) for r in range(len(rows))]
+        for r in list(open_rows):
+            new[r].append(picked[r])
+            if picked[r] == tokenizer.eos_token_id or "\n" in tokenizer.decode([picked[r]]):
+                open_rows.discard(r)  # only the first line is read
+        if not open_rows:
+            break
+        ids = torch.tensor(picked, device=device)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        positions = positions[:, -1:] + 1
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [texts[i * SAMPLES : (i + 1) * SAMPLES] for i in range(len(subjects))]
