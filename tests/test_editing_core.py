@@ -200,8 +200,7 @@ def test_hparams_files_load_and_model_file_wins():
 def test_hparams_variants_change_only_the_v_star_settings():
     """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``, ``-fast``) is its model's file with a cheaper v*:
     same layers, λ and solve, so a comparison of the two measures the v* settings alone (benchmarks/edit_speed.py
-    --lite relies on it). The one other kind, ``-siblings``, is its model's file plus template neighbours from
-    the model's own lists (nothing else changes, so it too compares against the model file alone)."""
+    --lite relies on it)."""
     variants = {}
     for path in sorted(HPARAMS_DIR.glob("*/*-*.json")):
         bases = [b for b in path.parent.glob("*.json") if path.stem.startswith(b.stem + "-")]
@@ -212,18 +211,11 @@ def test_hparams_variants_change_only_the_v_star_settings():
         "smollm2-135m-early-stop",
         "smollm2-135m-fast",
         "gemma3-270m-fast",
-        "gemma3-270m-siblings",
     }
     for path, base in variants.items():
         method = path.parent.name
         variant, full = load_hparams(method, "", path), load_hparams(method, "", base)
         variant_d, full_d = config_to_dict(variant), config_to_dict(full)
-        if path.stem.endswith("-siblings"):
-            neighbours = ["template_neighbours", "template_neighbours_weight", "template_neighbours_source"]
-            assert differences_beyond_v_star(variant, full) == neighbours, path.name
-            assert variant.template_neighbours_source == "model" and variant.template_neighbours_weight > 0
-            assert not any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
-            continue
         assert any(variant_d[k] != full_d[k] for k in variant_d if is_v_star_setting(k)), path.name
         assert differences_beyond_v_star(variant, full) == [], path.name
 

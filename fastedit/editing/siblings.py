@@ -119,6 +119,8 @@ def sample_lists(
     alone (when a sliding attention window is shorter than the rows, subjects of one length are batched instead).
     Row (subject, j) draws from its own generator seeded with ``seed`` + a checksum of (subject, j): the samples
     depend neither on the other subjects in the batch nor on the caller's random state."""
+    if not subjects:
+        return []
     device = model_device(model)
     shared = tokenizer(LIST_PROMPT).input_ids
     rows = [tokenizer(f"{LIST_PROMPT}{s},").input_ids for s in subjects for _ in range(SAMPLES)]
