@@ -11,12 +11,15 @@ n computes them; reported as stats_s). Reported per n: wall seconds of the whole
     .venv/bin/python benchmarks/edit_scaling.py --model smollm2-135m --workers 2
     .venv/bin/python benchmarks/edit_scaling.py --model gemma3-270m --workers 2 --ns 100,300,1000
 
-Writes benchmarks/results/edit_scaling_<model>.json and .png (or --out PATH.json).
+Writes benchmarks/results/edit_scaling_<model>.json and .png (or --out PATH.json). ``--add-to EARLIER.json`` keeps
+that result's runs of other n (its model, method, workers, data and resolved hparams must be this run's; the
+hparams' notes and file name aside), so the sizes of one table can be measured in separate sittings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -101,6 +104,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _setting(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs comparable: the config without the hparams file's name and notes."""
+    hparams = {k: v for k, v in config["hparams"].items() if k != "notes"}
+    return {**{k: v for k, v in config.items() if k != "hparams_file"}, "hparams": hparams}
+
+
 def main() -> None:
     ap = benchmark_parser("edit_scaling", __doc__, runs_in_process=False)
     ap.add_argument("--ns", default="100,300,1000", help="comma-separated numbers of edits")
@@ -109,6 +118,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="processes (fastedit edit --workers)")
     ap.add_argument("--dm", default="10")
     ap.add_argument("--corpus", default=WIKITEXT, help="covariance corpus (default: the wikitext-2 data set)")
+    ap.add_argument("--add-to", default=None, help="earlier result JSON of the same setting whose other runs to keep")
     args, out = parse_benchmark_args(ap)
     ns = sorted(int(x) for x in args.ns.split(","))
     hp = load_hparams(args.method, args.model, args.hparams)  # a bad file fails here, not after the runs
@@ -126,10 +136,18 @@ def main() -> None:
         },
         "runs": [],
     }
+    if args.add_to:
+        earlier = json.loads(Path(args.add_to).read_text())
+        if _setting(earlier["config"]) != _setting(result["config"]):
+            raise SystemExit(
+                f"--add-to {args.add_to}: its model, method, workers, data or hparams differ from this run's; "
+                "measure every size again or write a new result"
+            )
+        result["runs"] = [r for r in earlier["runs"] if r["n"] not in ns]
     png = out.with_suffix(".png")
     with tempfile.TemporaryDirectory(prefix="edit-scaling-") as folder:
         for n in ns:
-            result["runs"].append(one_run(args, n, Path(folder)))
+            result["runs"] = sorted([*result["runs"], one_run(args, n, Path(folder))], key=lambda r: r["n"])
             # Written after every n, so a long run stopped early keeps what it measured.
             write_json(out, result)
             plot(result, png)
