@@ -30,6 +30,19 @@ def _private_cache(request, tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "fastedit-cache"))
 
 
+def benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (its sibling modules importable while it loads), for tests of its logic."""
+    import importlib
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 def data_set(name: str) -> Path:
     """The file of data set ``name`` from the data directory, or skip the test saying how to add it."""
     from fastedit.data import find_dataset

@@ -3,22 +3,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def edit_scaling():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("edit_scaling")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("edit_scaling")
 
 
 def config(**hparams: object) -> dict:

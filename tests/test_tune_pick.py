@@ -3,22 +3,13 @@ points missed), the best mean Score second; a row that failed on either set is n
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def tune_split():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("tune_split")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("tune_split")
 
 
 UNEDITED = {"tune": {"ns": 80.0}, "tune_facts": {"ns": 90.0}}
