@@ -123,15 +123,14 @@ def sample_lists(
         return []
     device = model_device(model)
     shared = tokenizer(LIST_PROMPT).input_ids
-    rows = [tokenizer(f"{LIST_PROMPT}{s},").input_ids for s in subjects for _ in range(SAMPLES)]
-    # the prompt's own tokens, as far as every row tokenises them alike ("\n" ends it, so normally all of them)
-    p = next((i for i in range(len(shared)) if any(r[i] != shared[i] for r in rows)), len(shared))
-    p = min(p, *(len(r) - 1 for r in rows))
-    tails = [r[p:] for r in rows]
-    width = max(len(t) for t in tails)
+    prompts = [tokenizer(f"{LIST_PROMPT}{s},").input_ids for s in subjects]
+    # the prompt's own tokens, as far as every subject's prompt tokenises them alike ("\n" ends it, so normally all)
+    p = next((i for i in range(len(shared)) if any(r[i] != shared[i] for r in prompts)), len(shared))
+    p = min(p, *(len(r) - 1 for r in prompts))
+    lengths = [len(r) - p for r in prompts]  # each subject's own tokens
+    width = max(lengths)
     config = arch_for(model).text_config(model.config)
     window = getattr(config, "sliding_window", None)
-    lengths = [len(tails[i * SAMPLES]) for i in range(len(subjects))]
     if window is not None and len(set(lengths)) > 1 and window < p + width + MAX_NEW_TOKENS:
         # a sliding window counts cache slots, pads included: sample subjects of one length together, unpadded
         by_subject: dict[str, list[str]] = {}
@@ -139,23 +138,25 @@ def sample_lists(
             group = [s for s, n in zip(subjects, lengths, strict=True) if n == length]
             by_subject.update(zip(group, sample_lists(model, tokenizer, group, seed=seed, top_k=top_k), strict=True))
         return [by_subject[s] for s in subjects]
+    tails = [r[p:] for r in prompts for _ in range(SAMPLES)]  # row (subject i, sample j) = i * SAMPLES + j
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (n, width)
     real = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
-    mask = torch.cat([torch.ones(len(rows), p, dtype=real.dtype, device=device), real], 1)  # (n, p + width)
+    mask = torch.cat([torch.ones(len(tails), p, dtype=real.dtype, device=device), real], 1)  # (n, p + width)
     positions = (mask.cumsum(1) - 1)[:, p:]
 
     cache = DynamicCache(config=config)
-    head = torch.tensor([rows[0][:p]], device=device)
-    model(input_ids=head, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-    cache.batch_repeat_interleave(len(rows))
+    with_cache = cache_kwargs(model, cache)  # the keyword's name is looked up once, not at every step
+    head = torch.tensor([prompts[0][:p]], device=device)
+    model(input_ids=head, use_cache=True, logits_to_keep=1, **with_cache)
+    cache.batch_repeat_interleave(len(tails))
 
     generators = []
     for subject in subjects:
         for j in range(SAMPLES):
             generators.append(torch.Generator(device).manual_seed(seed + zlib.crc32(f"{subject}\0{j}".encode())))
-    new: list[list[int]] = [[] for _ in rows]
-    open_rows = set(range(len(rows)))
+    new: list[list[int]] = [[] for _ in tails]
+    open_rows = set(range(len(tails)))
     for _ in range(MAX_NEW_TOKENS):
         logits = model(
             input_ids=ids,
@@ -163,11 +164,11 @@ def sample_lists(
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
-            **cache_kwargs(model, cache),
+            **with_cache,
         ).logits[:, -1]
         top, index = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)  # (n, k)
         probs = top.softmax(-1)
-        picked = [int(index[r, torch.multinomial(probs[r], 1, generator=generators[r])]) for r in range(len(rows))]
+        picked = [int(index[r, torch.multinomial(probs[r], 1, generator=generators[r])]) for r in range(len(tails))]
         for r in list(open_rows):
             new[r].append(picked[r])
             if picked[r] == tokenizer.eos_token_id or "\n" in tokenizer.decode([picked[r]]):
