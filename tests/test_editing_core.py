@@ -909,6 +909,13 @@ def test_template_neighbours_keep_the_other_subjects_keys_in_an_edit(tok):
     assert moved[1e3] < 0.1 * moved[0.0]
 
 
+def test_template_neighbour_keys_refuse_an_unknown_source(tok):
+    """A library caller's misspelt source is an error naming the choices, not a silent fall-back to the batch."""
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="source 'modle' is not one of batch, model"):
+        template_neighbour_keys(model, tok, arch_for(model), REQUESTS, (1,), 1, source="modle")
+
+
 def test_alphaedit_edits_and_keeps_earlier_batches(tok):
     """AlphaEdit through the engine: the edit is non-zero and the second batch's update leaves the first batch's
     keys alone (‖ΔW₂ K₁‖ ≤ 1e-3 ‖W K₁‖)."""

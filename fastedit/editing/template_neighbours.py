@@ -28,8 +28,10 @@ from typing import Any
 import torch
 
 from fastedit.arch import ArchSpec
+from fastedit.editing.hparams import NEIGHBOUR_SOURCES
 from fastedit.editing.keys import read_at_subject
 from fastedit.editing.siblings import list_siblings
+from fastedit.errors import ConfigError
 from fastedit.requests import EditRequest
 
 SEED = 0
@@ -70,6 +72,8 @@ def template_neighbour_keys(
     """layer -> K_t (n_t, d_k): keys of the template-neighbour prompts at every layer, one forward for all.
     ``source``: "batch" fills templates with the batch's other subjects, "model" with the subjects' siblings
     (listed by the ranks of a process group together: every rank must call it)."""
+    if source not in NEIGHBOUR_SOURCES:
+        raise ConfigError(f"template neighbours: source {source!r} is not one of " + ", ".join(NEIGHBOUR_SOURCES))
     siblings = None
     if source == "model":
         subjects = [r.subject for r in requests]
