@@ -65,5 +65,5 @@ def test_edit_with_an_unknown_hparams_variant_fails_in_one_line_before_the_model
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
-    assert "variant 'quick'" in result.output and "fast" in result.output
+    assert "variant 'quick'" in result.output and "thorough" in result.output
     assert not (tmp_path / "run").exists()

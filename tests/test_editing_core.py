@@ -198,9 +198,9 @@ def test_hparams_files_load_and_model_file_wins():
 
 
 def test_hparams_variants_change_only_the_v_star_settings():
-    """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``, ``-fast``) is its model's file with a cheaper v*:
-    same layers, λ and solve, so a comparison of the two measures the v* settings alone (benchmarks/edit_speed.py
-    --lite relies on it)."""
+    """A ``<model>-<variant>.json`` (``-lite``, ``-early-stop``, ``-fast``, ``-thorough``) is its model's file with
+    another v*: same layers, λ and solve, so a comparison of the two measures the v* settings alone
+    (benchmarks/edit_speed.py --lite relies on it)."""
     variants = {}
     for path in sorted(HPARAMS_DIR.glob("*/*-*.json")):
         bases = [b for b in path.parent.glob("*.json") if path.stem.startswith(b.stem + "-")]
@@ -209,7 +209,7 @@ def test_hparams_variants_change_only_the_v_star_settings():
     assert {p.stem for p in variants} >= {
         "smollm2-135m-lite",
         "smollm2-135m-early-stop",
-        "smollm2-135m-fast",
+        "smollm2-135m-thorough",
         "gemma3-270m-fast",
     }
     for path, base in variants.items():
@@ -223,12 +223,12 @@ def test_hparams_variants_change_only_the_v_star_settings():
 def test_hparams_variants_are_chosen_by_name(tmp_path, monkeypatch):
     """``--hparams fast`` picks ``<model>-fast.json`` beside the model's file (an installed package has no hparams/
     folder to point at); an unknown name lists the shipped ones; an existing file of that name stays a file."""
-    fast = load_hparams("memit", "smollm2-135m", variant="fast")
-    assert fast == load_hparams("memit", "", HPARAMS_DIR / "memit" / "smollm2-135m-fast.json")
-    assert fast != load_hparams("memit", "smollm2-135m")
-    assert hparams_path("memit", "gemma3-270m", "fast").name == "gemma3-270m-fast.json"
+    fast = load_hparams("memit", "gemma3-270m", variant="fast")
+    assert fast == load_hparams("memit", "", HPARAMS_DIR / "memit" / "gemma3-270m-fast.json")
+    assert fast != load_hparams("memit", "gemma3-270m")
+    assert hparams_path("memit", "smollm2-135m", "thorough").name == "smollm2-135m-thorough.json"
     with pytest.raises(
-        ConfigError, match=r"variant 'quick' for smollm2-135m.*shipped variants: early-stop, fast, lite"
+        ConfigError, match=r"variant 'quick' for smollm2-135m.*shipped variants: early-stop, lite, thorough"
     ):
         load_hparams("memit", "smollm2-135m", variant="quick")
     monkeypatch.chdir(tmp_path)

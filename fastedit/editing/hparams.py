@@ -3,7 +3,7 @@
 One dataclass serves every method; fields a method does not read are ignored by it (e.g. ``emmet_mu`` by
 MEMIT). Lookup order for ``load_hparams(method, model)``: an explicit path, then a model-specific file named
 after the model (``hparams/memit/smollm2-135m.json``), then the family file (``hparams/memit/llama.json``).
-A variant of a model's file (``hparams/memit/smollm2-135m-fast.json``) is chosen by its name (``variant="fast"``,
+A variant of a model's file (``hparams/memit/gemma3-270m-fast.json``) is chosen by its name (``variant="fast"``,
 ``fastedit edit --hparams fast``), so an installed package's files need no path.
 """
 
