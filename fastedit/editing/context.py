@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from fastedit.arch import model_device
+from fastedit.arch.forward import last_logits_only
 from fastedit.progress import track
-from fastedit.stats.sampler import last_logits_only
 
 _CACHE: dict[tuple[int, tuple[str, ...], int, int], list[str]] = {}
 

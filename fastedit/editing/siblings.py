@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from fastedit.arch import arch_for, model_device
-from fastedit.arch.forward import cache_kwargs
+from fastedit.arch.forward import cache_kwargs, last_logits_only
 from fastedit.stats.distributed import share_tasks
 
 # Lists of one kind each, so the model continues "<subject>," with more of the subject's kind.
@@ -83,7 +83,8 @@ def list_siblings(
 
 
 _CACHE: dict[tuple[int, int, str], list[str]] = {}
-CHUNK = 16  # subjects per batched pass: each decoding step reads the weights once for CHUNK × SAMPLES rows
+CHUNK = 64  # subjects per pass: a decoding step's matrix products run CHUNK × SAMPLES rows (Gemma 3, one thread:
+# 0.55 s per subject at 16 subjects, 0.45 at 64)
 
 
 def _listed(
@@ -147,8 +148,9 @@ def sample_lists(
 
     cache = DynamicCache(config=config)
     with_cache = cache_kwargs(model, cache)  # the keyword's name is looked up once, not at every step
+    last_only = last_logits_only(model)
     head = torch.tensor([prompts[0][:p]], device=device)
-    model(input_ids=head, use_cache=True, logits_to_keep=1, **with_cache)
+    model(input_ids=head, use_cache=True, **last_only, **with_cache)
     cache.batch_repeat_interleave(len(tails))
 
     generators = []
@@ -163,7 +165,7 @@ def sample_lists(
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            **last_only,
             **with_cache,
         ).logits[:, -1]
         top, index = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)  # (n, k)

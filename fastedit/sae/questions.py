@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fastedit.arch import model_device
+from fastedit.arch.forward import last_logits_only
 from fastedit.errors import FasteditError, RequestError
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def score_probes(
     """(n,) bool true answer wins (lower mean NLL than new), (n,) bool true first token ranked first: one batch.
 
     Rows are left-padded so every answer ends the sequence and only the last max(len(answer)) positions need
-    logits (``logits_to_keep``): with a 262k vocabulary the LM head otherwise dominates the cost. ``set_mask``
+    logits (`last_logits_only`): with a 262k vocabulary the LM head otherwise dominates the cost. ``set_mask``
     receives the (rows, seq) mask of real non-BOS tokens before the forward (for hooks).
     """
     if not probes:
@@ -185,7 +186,7 @@ def score_probes(
         set_mask(mask.bool() & (ids != bos_id) if bos_id is not None else mask.bool())
     keep = max(lens)
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), logits_to_keep=keep
+        input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), **last_logits_only(model, keep)
     ).logits.float()  # (rows, keep, V): row i's answer token j is predicted at keep − lens[i] + j
     logz = logits.logsumexp(-1)  # (rows, keep)
     wins = torch.zeros(len(probes), dtype=torch.bool)
@@ -433,7 +434,8 @@ def mc_accuracy(
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), logits_to_keep=1).logits
+        last = last_logits_only(model)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), **last).logits
         pred = logits[:, -1, letter_ids].argmax(-1)
         correct += [int(p) == r["answer"] for p, r in zip(pred.tolist(), batch, strict=True)]
     return {"accuracy": sum(correct) / max(len(correct), 1), "n": len(correct), "correct": correct}

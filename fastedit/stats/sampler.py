@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from fastedit.arch import model_device
+from fastedit.arch.forward import last_logits_only
 from fastedit.atomic import save_safetensors
 from fastedit.progress import bar
 
@@ -117,12 +118,6 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, cfg: SamplerConfig) -> to
 def _opener_ids(tokenizer: Any) -> list[int]:
     """The first token of each opener (a single token, so every row's prompt has the same length)."""
     return [tokenizer(w, add_special_tokens=False).input_ids[0] for w in OPENERS]
-
-
-def last_logits_only(model: Any) -> dict[str, Any]:
-    """Forward kwargs that compute the LM head at the last position only, where the model supports it (the head
-    is 262k wide on Gemma: at every position it costs more than the rest of a short forward)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 @torch.no_grad()
