@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from fastedit.arch import model_device
+from fastedit.arch.forward import last_logits_only
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -59,6 +60,7 @@ def generate(
                 do_sample=True,
                 top_k=top_k,
                 pad_token_id=pad,
+                **last_logits_only(model),  # else the prefill hands the head a strided view (a slow CPU path)
             )
             new = out[:, batch["input_ids"].shape[1] :]
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
