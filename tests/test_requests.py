@@ -87,7 +87,7 @@ def test_project_request_file_parses():
     assert all(r.target_true and r.paraphrases and r.neighborhood_answers for r in parsed.requests)
 
 
-@pytest.mark.parametrize("name", ["well-known-facts", "well-known-facts-tune"])
+@pytest.mark.parametrize("name", ["well-known-facts", "well-known-facts-tune", "well-known-facts-holdout"])
 def test_well_known_facts_can_score_every_neighbour(name):
     """Each case has paraphrases and answered neighbours; no neighbour is rewritten by the same set (NS could not
     keep it) and none answers the case's new object (new and true would tie, and a tie never counts as kept)."""
@@ -100,15 +100,25 @@ def test_well_known_facts_can_score_every_neighbour(name):
         assert r.target_new not in r.neighborhood_answers, r.case_id
 
 
-def test_tune_facts_share_no_prompt_with_report_facts():
-    """The facts hparams are tuned on and the facts they are reported on are separate: no rewrite or neighbour
-    prompt of one set appears in the other."""
+def test_fact_sets_share_no_prompt():
+    """The facts hparams are tuned on, the facts they are reported on and the held-out facts no choice looked at are
+    separate: no rewrite or neighbour prompt of one set appears in another, and the held-out set edits no subject of
+    the other two."""
+
+    def requests(name: str) -> list:
+        return load_requests(f"data/{name}.json").requests
 
     def prompts(name: str) -> set[str]:
-        requests = load_requests(f"data/{name}.json").requests
-        return {r.rewrite_prompt() for r in requests} | {p for r in requests for p in r.neighborhood_prompts}
+        return {r.rewrite_prompt() for r in requests(name)} | {
+            p for r in requests(name) for p in r.neighborhood_prompts
+        }
 
-    assert not prompts("well-known-facts-tune") & prompts("well-known-facts")
+    names = ["well-known-facts-tune", "well-known-facts", "well-known-facts-holdout"]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not prompts(a) & prompts(b), (a, b)
+    earlier = {r.subject for name in names[:2] for r in requests(name)}
+    assert not earlier & {r.subject for r in requests("well-known-facts-holdout")}
 
 
 @pytest.mark.parametrize(
