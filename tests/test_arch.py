@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import D_K, D_MODEL, FAMILIES, N_LAYERS, tiny_config
+from tiny_models import D_K, D_MODEL, FAMILIES, N_LAYERS, tiny_config, tiny_model
 
 from fastedit.arch import ArchSpec, arch_for, get_arch, known_model_types, mlp_out_matrix, register_arch
 from fastedit.arch.describe import describe_registry, model_layout
+from fastedit.arch.forward import last_logits_only
 from fastedit.errors import UnknownArchitectureError
 
 REQUIRED = {
@@ -101,10 +102,6 @@ def test_last_logits_reach_the_head_as_a_contiguous_copy(family, n):
     """`last_logits_only` keeps the logits of the last n positions, equal to the full forward's, and hands the LM
     head a contiguous tensor: a strided (rows, n, d) view of the wider hidden states sends the CPU's linear down a
     path 10-15x slower on a large vocabulary."""
-    from tiny_models import tiny_model
-
-    from fastedit.arch.forward import last_logits_only
-
     model = tiny_model(family)
     ids = torch.randint(3, 50, (3, 6))
     seen = []
