@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_models import D_K, D_MODEL, FAMILIES, N_LAYERS, tiny_config, tiny_model
+from tiny_models import D_K, D_MODEL, FAMILIES, N_LAYERS, head_input_contiguity, tiny_config, tiny_model
 
 from fastedit.arch import ArchSpec, arch_for, get_arch, known_model_types, mlp_out_matrix, register_arch
 from fastedit.arch.describe import describe_registry, model_layout
@@ -104,16 +104,10 @@ def test_last_logits_reach_the_head_as_a_contiguous_copy(family, n):
     path 10-15x slower on a large vocabulary."""
     model = tiny_model(family)
     ids = torch.randint(3, 50, (3, 6))
-    seen = []
-    head = model.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
-    try:
-        with torch.no_grad():
-            full = model(input_ids=ids).logits
-            seen.clear()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with head_input_contiguity(model) as seen:
             kept = model(input_ids=ids, **last_logits_only(model, n)).logits
-    finally:
-        hook.remove()
     assert seen == [True]
     assert kept.shape == (3, n, full.shape[-1])
     torch.testing.assert_close(kept, full[:, -n:], rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import FAMILIES, TEXT, tiny_model, tiny_tokenizer
+from tiny_models import FAMILIES, TEXT, head_input_contiguity, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from fastedit.arch import add_at_positions, arch_for, capture, first_tensor, mlp_out_matrix
@@ -426,14 +426,8 @@ def test_batched_sibling_sampler_continues_each_prompt_as_generate_does(family, 
     if family.endswith("window 512"):
         model.config.sliding_window = 512
     subjects = ["Canada", "the United Kingdom of Great Britain", "Peru"]
-    contiguous = []  # the head gets gathered rows, not a strided view (a slow path of the CPU's linear)
-    hook = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _m, a: contiguous.append(a[0].is_contiguous())
-    )
-    try:
+    with head_input_contiguity(model) as contiguous:  # gathered rows, not a strided view
         texts = sample_lists(model, tok, subjects, top_k=1)
-    finally:
-        hook.remove()
     assert contiguous and all(contiguous)
     for subject, samples in zip(subjects, texts, strict=True):
         ids = tok(f"{LIST_PROMPT}{subject},", return_tensors="pt").input_ids

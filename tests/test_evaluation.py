@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import head_input_contiguity, tiny_model, tiny_tokenizer
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
@@ -124,14 +124,8 @@ def test_ngram_entropy():
 def test_fluency_generation_is_seeded():
     """Seeded samples; the LM head gets contiguous rows, the prefill's included (a strided view is a slow CPU path)."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    contiguous = []
-    hook = model.get_output_embeddings().register_forward_pre_hook(
-        lambda _m, a: contiguous.append(a[0].is_contiguous())
-    )
-    try:
+    with head_input_contiguity(model) as contiguous:
         a = generate(model, tok, ["The capital of", "Apple"], max_new_tokens=6, seed=3)
-    finally:
-        hook.remove()
     assert contiguous and all(contiguous)
     assert a == generate(model, tok, ["The capital of", "Apple"], max_new_tokens=6, seed=3)
     assert len(a) == 2 and all(isinstance(t, str) for t in a)

@@ -104,21 +104,17 @@ def test_fact_sets_share_no_prompt():
     """The facts hparams are tuned on, the facts they are reported on and the held-out facts no choice looked at are
     separate: no rewrite or neighbour prompt of one set appears in another, and the held-out set edits no subject of
     the other two."""
-
-    def requests(name: str) -> list:
-        return load_requests(f"data/{name}.json").requests
-
-    def prompts(name: str) -> set[str]:
-        return {r.rewrite_prompt() for r in requests(name)} | {
-            p for r in requests(name) for p in r.neighborhood_prompts
-        }
-
     names = ["well-known-facts-tune", "well-known-facts", "well-known-facts-holdout"]
+    sets = {name: load_requests(f"data/{name}.json").requests for name in names}
+    prompts = {
+        name: {r.rewrite_prompt() for r in reqs} | {p for r in reqs for p in r.neighborhood_prompts}
+        for name, reqs in sets.items()
+    }
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            assert not prompts(a) & prompts(b), (a, b)
-    earlier = {r.subject for name in names[:2] for r in requests(name)}
-    assert not earlier & {r.subject for r in requests("well-known-facts-holdout")}
+            assert not prompts[a] & prompts[b], (a, b)
+    earlier = {r.subject for name in names[:2] for r in sets[name]}
+    assert not earlier & {r.subject for r in sets["well-known-facts-holdout"]}
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ fail loudly; the special token ids come from a small BPE tokenizer trained here 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -171,3 +173,15 @@ FAMILIES = (
     "gemma3_text",
     "gemma3",
 )
+
+
+@contextmanager
+def head_input_contiguity(model: torch.nn.Module) -> Iterator[list[bool]]:
+    """Whether each input the LM head receives inside the block is contiguous, in call order (a strided view of the
+    hidden states sends the CPU's linear down a path 10-15x slower on a large vocabulary)."""
+    seen: list[bool] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+    try:
+        yield seen
+    finally:
+        hook.remove()

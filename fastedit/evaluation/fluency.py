@@ -51,6 +51,7 @@ def generate(
     tokenizer.padding_side = "left"  # generation appends on the right
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: list[str] = []
+    last_only = last_logits_only(model)  # else the prefill hands the head a strided view (a slow CPU path)
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
@@ -60,7 +61,7 @@ def generate(
                 do_sample=True,
                 top_k=top_k,
                 pad_token_id=pad,
-                **last_logits_only(model),  # else the prefill hands the head a strided view (a slow CPU path)
+                **last_only,
             )
             new = out[:, batch["input_ids"].shape[1] :]
             texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

@@ -424,6 +424,7 @@ def mc_accuracy(
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = []
+    last = last_logits_only(model)
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         enc = [tokenizer(mc_prompt(r["question"], r["choices"], subject))["input_ids"] for r in batch]
@@ -434,7 +435,6 @@ def mc_accuracy(
             ids[i, width - len(e) :] = torch.tensor(e)
             mask[i, width - len(e) :] = 1
         ids, mask = ids.to(device), mask.to(device)
-        last = last_logits_only(model)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), **last).logits
         pred = logits[:, -1, letter_ids].argmax(-1)
         correct += [int(p) == r["answer"] for p, r in zip(pred.tolist(), batch, strict=True)]
