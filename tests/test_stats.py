@@ -297,6 +297,11 @@ def test_default_layers_from_hparams_file_else_reference(tmp_path, monkeypatch):
     assert default_layers(model, spec, "tiny")[0] == [0, 1, 2]  # beyond the depth: ignored
     (folder / "tiny.json").write_text(json.dumps({"layers": [1, 2], "lr": 0.5}))  # the model's own file first
     assert default_layers(model, spec, "tiny") == ([1, 2], str(folder / "tiny.json"))
+    # Every method's file for that model counts: one precompute serves each editor.
+    (tmp_path / "hparams" / "emmet").mkdir()
+    (tmp_path / "hparams" / "emmet" / "tiny.json").write_text(json.dumps({"layers": [0, 1]}))
+    layers, source = default_layers(model, spec, "tiny")
+    assert layers == [0, 1, 2] and "memit" in source and "emmet" in source
 
 
 # ---- bad input: a clear error and nothing written ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Default layers to precompute: the family's MEMIT hparams when the file exists, else the design card's layers."""
+"""Default layers to precompute: every layer the model's (or family's) hparams files edit, else the design card's
+layers."""
 
 from __future__ import annotations
 
@@ -73,16 +74,22 @@ def family_names(spec: ArchSpec, name: str | None) -> list[str]:
 
 
 def default_layers(model: Any, spec: ArchSpec, name: str | None = None) -> tuple[list[int], str]:
-    """(layers, where they came from): hparams/memit/<family>.json if present, else REFERENCE_LAYERS / generic."""
+    """(layers, where they came from): the union of the layers that hparams/<method>/<stem>.json edit over every
+    method, for the first stem (model, then family) with a MEMIT file; else REFERENCE_LAYERS / generic. The union,
+    because one precompute should serve every editor: a model's files may edit different layers per method."""
+    from fastedit.editing.hparams import METHODS
+
     n_layers = spec.n_layers(model.config)
     for folder in hparams_dirs():
         for stem in family_names(spec, name):
             path = folder / f"{stem}.json"
             if path.is_file():
-                layers = _layers_of_reference_file(path)
+                others = (folder.parent / method / f"{stem}.json" for method in METHODS)
+                paths = [path, *(p for p in others if p != path and p.is_file())]
+                layers = sorted({layer for p in paths for layer in _layers_of_reference_file(p)})
                 if max(layers) < n_layers:
-                    return layers, str(path)
-                log.warning("%s names layers %s, beyond this model's %d layers; ignoring it", path, layers, n_layers)
+                    return layers, ", ".join(str(p) for p in paths)
+                log.warning("%s name layers %s, beyond this model's %d layers; ignoring them", paths, layers, n_layers)
     ref = REFERENCE_LAYERS.get(spec.model_type)
     if ref and max(ref) < n_layers:
         return list(ref), f"reference MEMIT layers of {spec.model_type}"
