@@ -82,7 +82,10 @@ def main() -> None:
     for path in (counterfact, corpus, tune_facts):
         if not path.is_file():
             parser.error(f"{path}: no such file")
-    lo, hi = (int(x) for x in args.tune.split(":"))
+    try:
+        lo, hi = (int(x) for x in args.tune.split(":"))
+    except ValueError:
+        parser.error(f"--tune {args.tune!r}: expected START:END case indices, e.g. 1000:1050")
     sets = {"tune": load_requests(counterfact).requests[lo:hi], "tune_facts": load_requests(tune_facts).requests}
     axes = dict(args.grid)
     if args.threads:
