@@ -70,10 +70,13 @@ def load_cases(n: int, start: int = 0) -> tuple[list[EditRequest], list[dict[str
     return requests, records
 
 
-def stats_for(model: Any, tokenizer: Any, layers: list[int], dm: float = 10) -> dict[int, torch.Tensor]:
+def stats_for(
+    model: Any, tokenizer: Any, layers: list[int], dm: float = 10, corpus: str = WIKITEXT
+) -> dict[int, torch.Tensor]:
+    """C0 per layer (cached, else computed from ``corpus``: a data-set name or a file)."""
     from fastedit.stats import ensure_stats
 
-    stats = ensure_stats(model, tokenizer, layers, dm=dm, corpus=WIKITEXT, progress=False)
+    stats = ensure_stats(model, tokenizer, layers, dm=dm, corpus=corpus, progress=False)
     return {layer: stats[layer].mean for layer in layers}
 
 

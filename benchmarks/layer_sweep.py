@@ -28,8 +28,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from edit_common import RESULTS, save_figure, sha256_of, write_json
-from tune_split import ES_BAR, METRICS, NS_SLACK, PS_BAR, TUNE_FACTS, pick, score_edit, shortfall
+from edit_common import RESULTS, save_figure, sha256_of, stats_for, write_json
+from tune_split import ES_BAR, NS_SLACK, PS_BAR, TUNE_FACTS, pick, score_edit, shortfall, unedited_metrics
 
 import fastedit
 from fastedit.arch import arch_for
@@ -38,7 +38,6 @@ from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.targets_cache import cached_targets
 from fastedit.models import cache_dir
 from fastedit.requests import load_requests
-from fastedit.stats import ensure_stats
 from fastedit.stats.cache import model_slug
 
 
@@ -97,10 +96,7 @@ def main() -> None:
     n_layers = arch_for(model).n_layers(model.config)
     if any(max(layers) >= n_layers for layers in args.layer_sets):
         parser.error(f"--layer-sets: {args.model} has layers 0-{n_layers - 1}")
-    unedited = {}
-    for name, reqs in sets.items():
-        summary = fastedit.evaluate(model, tok, reqs).summary
-        unedited[name] = {k: round(summary[k], 1) for k in METRICS}
+    unedited = {name: unedited_metrics(model, tok, reqs) for name, reqs in sets.items()}
     print(f"unedited {unedited}", flush=True)
     record: dict[str, Any] = {
         "config": {
@@ -119,7 +115,7 @@ def main() -> None:
     folder = cache_dir() / "targets" / model_slug(args.model)
     for layers in args.layer_sets:
         hp0 = base.replace(layers=layers)
-        stats = {k: v.mean for k, v in ensure_stats(model, tok, layers, dm=args.dm, corpus=str(corpus)).items()}
+        stats = stats_for(model, tok, layers, dm=args.dm, corpus=str(corpus))
         values = {}
         for name, reqs in sets.items():
             t0 = time.perf_counter()

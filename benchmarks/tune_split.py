@@ -31,7 +31,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from edit_common import RESULTS, save_figure, sha256_of, write_json
+from edit_common import RESULTS, save_figure, sha256_of, stats_for, write_json
 
 import fastedit
 from fastedit.arch import arch_for, restored_after
@@ -41,7 +41,6 @@ from fastedit.editing.hparams import EditHparams, load_hparams
 from fastedit.editing.targets_cache import cached_targets
 from fastedit.models import cache_dir
 from fastedit.requests import EditRequest, load_requests
-from fastedit.stats import ensure_stats
 from fastedit.stats.cache import model_slug
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -71,6 +70,12 @@ def grid(method: str, base: EditHparams) -> list[EditHparams]:
 
 def setting(hp: EditHparams, method: str) -> dict[str, float]:
     return {k: getattr(hp, k) for k in GRIDS[method]}
+
+
+def unedited_metrics(model: Any, tok: Any, requests: list[EditRequest]) -> dict[str, float]:
+    """ES/PS/NS/Score of the model as it is, rounded as the tables print them."""
+    summary = fastedit.evaluate(model, tok, requests).summary
+    return {k: round(summary[k], 1) for k in METRICS}
 
 
 def score_edit(
@@ -201,7 +206,7 @@ def main() -> None:
     for key, value in overrides.items():
         hps = {m: hp.replace(**{key: type(getattr(hp, key))(value)}) for m, hp in hps.items()}
     layers = sorted({layer for hp in hps.values() for layer in hp.layers})
-    stats = {k: v.mean for k, v in ensure_stats(model, tok, layers, dm=args.dm, corpus=str(corpus)).items()}
+    stats = stats_for(model, tok, layers, dm=args.dm, corpus=str(corpus))
     folder = cache_dir() / "targets" / model_slug(args.model)
     out_path = Path(args.out) if args.out else RESULTS / f"tune_split_{args.model}.json"
     record: dict[str, Any] = {
@@ -228,8 +233,7 @@ def main() -> None:
         """v* of one set under ``method``'s hparams, optimised (or read from the targets cache) when first needed."""
         if (name, method) not in values:
             if name not in record["unedited"]:
-                summary = fastedit.evaluate(model, tok, sets[name]).summary
-                record["unedited"][name] = {k: round(summary[k], 1) for k in METRICS}
+                record["unedited"][name] = unedited_metrics(model, tok, sets[name])
                 print(f"{name}: {len(sets[name])} cases, unedited {record['unedited'][name]}", flush=True)
             t0 = time.perf_counter()
             values[name, method], hit = cached_targets(model, tok, sets[name], hps[method], folder)
